@@ -1,0 +1,1 @@
+"""The Streamlit demo (coming in a later issue)."""

@@ -1,0 +1,47 @@
+import logging
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+import vlm
+from vlm.tiny import FAMILIES, make_tiny_lm, tiny_config
+
+logging.getLogger("root").setLevel(logging.ERROR)  # open_clip's "random weights" notice
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dirs(tmp_path_factory):
+    """One saved tiny random LM per family (llama with a ChatML template)."""
+    root = tmp_path_factory.mktemp("tiny_lms")
+    return {f: make_tiny_lm(root / f, f, seed=0, chat=(f == "llama")) for f in FAMILIES}
+
+
+@pytest.fixture
+def make_model(tiny_lm_dirs):
+    def build(family="llama", **kwargs):
+        torch.manual_seed(0)
+        return vlm.create_model_and_transforms(tiny_config(tiny_lm_dirs[family], **kwargs), verbose=False)
+
+    return build
+
+
+def shape_image(color, shape="circle", size=48, seed=None):
+    image = Image.new("RGB", (size, size), "white")
+    draw = ImageDraw.Draw(image)
+    box = (8, 8, size - 8, size - 8)
+    if shape == "circle":
+        draw.ellipse(box, fill=color)
+    elif shape == "square":
+        draw.rectangle(box, fill=color)
+    else:
+        draw.polygon([(size // 2, 6), (6, size - 6), (size - 6, size - 6)], fill=color)
+    return image
+
+
+def set_gates(model, value):
+    with torch.no_grad():
+        for layer in model.decoder_layers():
+            if layer.xattn is not None:
+                layer.xattn.attn_gate.fill_(value)
+                layer.xattn.ff_gate.fill_(value)

@@ -1,0 +1,183 @@
+"""Core model behaviour on tiny random backbones of every supported LM family."""
+
+import pytest
+import torch
+from conftest import set_gates, shape_image
+from transformers import AutoModelForCausalLM
+
+from vlm.tiny import FAMILIES
+
+TEXT = "hello there <image>a red circle<|endofchunk|> and <image>a blue square<|endofchunk|> done"
+
+
+def two_image_batch(processor, text=TEXT):
+    images = [[shape_image("red"), shape_image("blue", "square")]]
+    return processor([text], images)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_identity_at_init_equals_frozen_lm(make_model, tiny_lm_dirs, family):
+    model, processor = make_model(family)
+    batch = two_image_batch(processor)
+    out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    # The same frozen LM, loaded fresh and unwrapped, fed our embeddings (incl. <image> rows).
+    reference = AutoModelForCausalLM.from_pretrained(tiny_lm_dirs[family]).eval()
+    with torch.no_grad():
+        ref = reference(inputs_embeds=model.embed(batch["input_ids"]), attention_mask=batch["attention_mask"]).logits
+    vocab = ref.shape[-1]
+    torch.testing.assert_close(out.logits[..., :vocab], ref, atol=1e-5, rtol=0)
+    # Plain text, no images: exactly the LM.
+    plain = processor(["the cat sits on the mat"])
+    with torch.no_grad():
+        ref_plain = reference(input_ids=plain["input_ids"]).logits
+    got = model(None, plain["input_ids"], plain["attention_mask"]).logits[..., :vocab]
+    torch.testing.assert_close(got, ref_plain, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_forward_backward_reaches_every_trainable_parameter(make_model, family):
+    model, processor = make_model(family)
+    set_gates(model, 0.5)
+    batch = two_image_batch(processor)
+    out = model(**batch)
+    assert torch.isfinite(out.loss)
+    out.loss.backward()
+    no_grad = [n for n, p in model.trainable_state_dict().items() if p.grad is None or not p.grad.abs().sum() > 0]
+    assert no_grad == []
+
+
+def _positions(processor, input_ids):
+    ids = input_ids[0].tolist()
+    image_pos = [i for i, t in enumerate(ids) if t == processor.image_token_id]
+    assert len(image_pos) == 2
+    return image_pos
+
+
+@pytest.mark.parametrize("only_latest", [True, False])
+def test_masking_follows_the_latest_image_rule(make_model, only_latest):
+    model, processor = make_model("llama", only_latest_image=only_latest)
+    set_gates(model, 1.0)
+    batch = two_image_batch(processor)
+    first, second = _positions(processor, batch["input_ids"])
+    base = model(batch["images"], batch["input_ids"]).logits
+
+    changed_img1 = batch["images"].clone()
+    changed_img1[:, 0] = torch.randn_like(changed_img1[:, 0])
+    out1 = model(changed_img1, batch["input_ids"]).logits
+    diff1 = (out1 - base).abs().amax(-1)[0]  # (S,)
+
+    changed_img2 = batch["images"].clone()
+    changed_img2[:, 1] = torch.randn_like(changed_img2[:, 1])
+    out2 = model(changed_img2, batch["input_ids"]).logits
+    diff2 = (out2 - base).abs().amax(-1)[0]
+
+    # Text before the first image is unaffected by any image, exactly.
+    assert torch.all(diff1[:first] == 0) and torch.all(diff2[:first] == 0)
+    # Image 1 reaches its own span (the <image> token included).
+    assert torch.all(diff1[first:second] > 0)
+    # Image 2 reaches only positions from its own <image> on.
+    assert torch.all(diff2[:second] == 0) and torch.all(diff2[second:] > 0)
+    # At the cross-attention block itself (no self-attention mixing positions), image 1
+    # reaches the tokens after image 2 only when all previous images are visible.
+    xattn = model.decoder_layers()[0].xattn
+    media = model.media_state(model.encode_images(changed_img1), batch["input_ids"])
+    media_base = model.media_state(model.encode_images(batch["images"]), batch["input_ids"])
+    h = torch.randn(1, batch["input_ids"].shape[1], xattn.norm.normalized_shape[0])
+    d = (xattn(h, media, 0) - xattn(h, media_base, 0)).abs().amax(-1)[0]
+    assert torch.all(d[:first] == 0) and torch.all(d[first:second] > 0)
+    if only_latest:
+        assert torch.all(d[second:] == 0)
+    else:
+        assert torch.all(d[second:] > 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_text_before_any_image_gets_exact_zero_and_no_nan(make_model, dtype):
+    model, processor = make_model("qwen2")
+    set_gates(model, 1.0)
+    model.to(dtype)
+    batch = two_image_batch(processor)
+    first, _ = _positions(processor, batch["input_ids"])
+    xattn = model.decoder_layers()[0].xattn
+    media = model.media_state(model.encode_images(batch["images"].to(dtype)), batch["input_ids"])
+    h = torch.randn(1, batch["input_ids"].shape[1], xattn.norm.normalized_shape[0], dtype=dtype)
+    set_gates(model, 1.0)
+    with torch.no_grad():
+        xattn.ff_gate.zero_()  # isolate the cross-attention part
+        out = xattn(h, media, 0)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out[:, :first], h[:, :first])
+    assert not torch.equal(out[:, first:], h[:, first:])
+    logits = model(batch["images"].to(dtype), batch["input_ids"]).logits
+    assert torch.isfinite(logits[..., : logits.shape[-1] - 2]).all()
+
+
+def test_only_trainable_parameters_change_after_a_step(make_model):
+    model, processor = make_model("gpt2")  # tied embeddings: new rows are input and output rows
+    set_gates(model, 0.5)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainable = model.trainable_state_dict()
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-2, weight_decay=0.1)
+    batch = two_image_batch(processor)
+    model.train()
+    model(**batch).loss.backward()
+    optimizer.step()
+    for name, p in model.named_parameters():
+        if name in trainable:
+            assert not torch.equal(p, before[name]), f"{name} did not train"
+        else:
+            assert torch.equal(p, before[name]), f"frozen {name} changed"
+    # The original embedding rows, in particular, are bit-identical.
+    emb = model.lm.get_input_embeddings().weight
+    assert torch.equal(emb, before[[n for n, p in model.named_parameters() if p is emb][0]])
+
+
+def test_trainable_set_is_exactly_the_adapter(make_model):
+    model, _ = make_model("llama")  # untied: the new tokens get separate output rows
+    names = set(model.trainable_state_dict())
+    assert "embed.new_rows" in names and "head.new_rows" in names
+    assert any(n.startswith("resampler.") for n in names)
+    xattn_names = {n for n in names if ".xattn." in n}
+    assert {n.split(".xattn.")[0] for n in xattn_names} == {f"lm.model.layers.{i}" for i in model.cross_attn_layers}
+    assert names == xattn_names | {n for n in names if n.startswith(("resampler.", "embed.", "head."))}
+    assert not any(p.requires_grad for p in model.vision.parameters())
+
+
+def test_labels_only_logits_give_the_same_loss(make_model):
+    model, processor = make_model("opt")
+    set_gates(model, 0.5)
+    batch = two_image_batch(processor)
+    full = model(**batch).loss
+    cheap = model(**batch, return_logits=False)
+    assert cheap.logits is None
+    torch.testing.assert_close(cheap.loss, full)
+
+
+def test_too_few_images_is_a_clear_error(make_model):
+    model, processor = make_model("llama")
+    batch = two_image_batch(processor)
+    with pytest.raises(ValueError, match="2 <image> tokens but only 1 images"):
+        model(batch["images"][:, :1], batch["input_ids"])
+
+
+def test_overfits_eight_image_caption_pairs(make_model):
+    model, processor = make_model("llama")
+    colors = ["red", "blue", "green", "yellow", "purple", "orange", "black", "cyan"]
+    shapes = ["circle", "square", "triangle", "circle", "square", "triangle", "square", "circle"]
+    captions = [f"a {c} {s}" for c, s in zip(colors, shapes)]
+    images = [[shape_image(c, s)] for c, s in zip(colors, shapes)]
+    batch = processor([processor.caption_segments(c) for c in captions], images)
+    params = model.trainable_state_dict()
+    gates = [p for n, p in params.items() if n.endswith("_gate")]
+    others = [p for n, p in params.items() if not n.endswith("_gate")]
+    optimizer = torch.optim.AdamW([{"params": others, "lr": 3e-3}, {"params": gates, "lr": 3e-2}], weight_decay=0)
+    model.train()
+    first = None
+    for _ in range(300):
+        loss = model(**batch, return_logits=False).loss
+        first = first if first is not None else loss.item()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    final = model(**batch).loss.item()
+    assert final < first / 10, (first, final)

@@ -1,0 +1,1 @@
+"""Training stack: data pipelines, the trainer and distributed setup (coming in later issues)."""

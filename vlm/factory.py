@@ -1,0 +1,197 @@
+"""Building models, the freezing policy, and checkpoint folders.
+
+A checkpoint folder holds ``config.json`` (backbones, their weights' source, every
+architecture setting, the added token ids) and ``model.safetensors`` with only the
+trainable weights. The backbones are rebuilt from their sources on load.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tokenizers import AddedToken
+
+from .config import VLMConfig, get_preset
+from .lm import check_supported_lm, find_decoder, insert_cross_attention
+from .model import VLM
+from .processor import Processor
+from .registry import load_causal_lm
+from .resampler import PerceiverResampler
+from .vision import create_vision_encoder
+from .xattn import GatedCrossAttentionBlock
+
+FORMAT = "vlm-checkpoint/1"
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+
+
+def _resolve_config(config: VLMConfig | str | dict | None) -> VLMConfig:
+    if config is None:
+        return get_preset("default")
+    if isinstance(config, str):
+        return get_preset(config)
+    if isinstance(config, dict):
+        return VLMConfig.from_dict(config)
+    return config.validate()
+
+
+def _add_media_tokens(tokenizer, cfg: VLMConfig) -> tuple[int, int]:
+    tokens = [cfg.image_token, cfg.end_of_chunk_token]
+    missing = [t for t in tokens if t not in tokenizer.get_vocab()]
+    if missing:
+        tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    image_id, eoc_id = tokenizer.convert_tokens_to_ids(tokens)
+    return image_id, eoc_id
+
+
+def apply_freezing(model: VLM) -> int:
+    """The one freezing policy: only the resampler, the cross-attention blocks and the
+    added tokens' rows train. Returns the trainable parameter count."""
+    model.requires_grad_(False)
+    model.resampler.requires_grad_(True)
+    for layer in model.decoder_layers():
+        if layer.xattn is not None:
+            layer.xattn.requires_grad_(True)
+    model.embed.new_rows.requires_grad_(True)
+    if model.head.new_rows is not None:
+        model.head.new_rows.requires_grad_(True)
+
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    allowed = ("resampler.", "embed.new_rows", "head.new_rows")
+    for name in trainable:
+        assert name.startswith(allowed) or ".xattn." in name, f"{name} must be frozen"
+    for name, p in model.vision.named_parameters():
+        assert not p.requires_grad, f"vision.{name} must be frozen"
+    for name, p in model.lm.named_parameters():
+        assert ".xattn." in f".{name}" or not p.requires_grad, f"lm.{name} must be frozen"
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def create_model_and_transforms(
+    config: VLMConfig | str | dict | None = None, verbose: bool = True
+) -> tuple[VLM, Processor]:
+    """A fresh model (untrained adapter) and its processor (tokenizer + image transform).
+
+    ``config`` is a :class:`VLMConfig`, a preset name (``vlm/presets/*.json``), a dict,
+    or ``None`` for the default preset (offline backbones).
+    """
+    cfg = _resolve_config(config)
+    vision, transform = create_vision_encoder(cfg.vision)
+    lm, tokenizer = load_causal_lm(cfg.lm.name, getattr(torch, cfg.lm.dtype))
+    check_supported_lm(lm)
+    image_id, eoc_id = _add_media_tokens(tokenizer, cfg)
+
+    _, layers = find_decoder(lm)
+    indices = cfg.cross_attn.layer_indices(len(layers))
+    dim = lm.config.hidden_size
+    xa = cfg.cross_attn
+    insert_cross_attention(layers, indices, lambda: GatedCrossAttentionBlock(dim, xa.heads, xa.head_dim, xa.ff_mult))
+    rs = cfg.resampler
+    resampler = PerceiverResampler(
+        vision_dim=vision.width,
+        lm_dim=dim,
+        dim=rs.dim or dim,
+        num_latents=rs.num_latents,
+        depth=rs.depth,
+        heads=rs.heads,
+        head_dim=rs.head_dim,
+        ff_mult=rs.ff_mult,
+        max_images=rs.max_images,
+    )
+    model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices)
+    count = apply_freezing(model)
+    model.train(False)
+    if verbose:
+        print(f"vlm: {count:,} trainable parameters (cross-attention before LM layers {indices})", flush=True)
+    processor = Processor(
+        tokenizer, transform, cfg.image_token, cfg.end_of_chunk_token, system_prompt=cfg.system_prompt
+    )
+    return model, processor
+
+
+# ---------------------------------------------------------------------- checkpoints
+
+
+def save_pretrained(model: VLM, path: str | os.PathLike) -> Path:
+    """Write the trainable weights and the config to ``path``, atomically: a reader sees
+    the old folder or the complete new one, never a half-written one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
+    meta = {
+        "format": FORMAT,
+        "config": model.config.to_dict(),
+        "added_tokens": {
+            model.config.image_token: model.image_token_id,
+            model.config.end_of_chunk_token: model.end_of_chunk_token_id,
+        },
+        "cross_attn_layers": model.cross_attn_layers,
+        "trainable_parameters": sum(v.numel() for v in state.values()),
+    }
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
+        (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        os.chmod(tmp, 0o755)
+        old = None
+        if path.exists():
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        if old is not None:
+            shutil.rmtree(old)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def load_config(path: str | os.PathLike) -> tuple[VLMConfig, dict]:
+    path = Path(path)
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        raise FileNotFoundError(f"{path} is not a vlm checkpoint folder: {CONFIG_FILE} is missing")
+    meta = json.loads(file.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"{file}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
+    return VLMConfig.from_dict(meta["config"]), meta
+
+
+def load_trainable(model: VLM, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Strictly load trainable weights: every key present, no extra key, shapes equal."""
+    expected = model.trainable_state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"missing keys: {', '.join(missing)}")
+        if unexpected:
+            parts.append(f"unexpected keys: {', '.join(unexpected)}")
+        raise ValueError(f"{source} does not match the model; " + "; ".join(parts))
+    for name, param in expected.items():
+        if state[name].shape != param.shape:
+            raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, model has {tuple(param.shape)}")
+    with torch.no_grad():
+        for name, param in expected.items():
+            param.copy_(state[name])
+
+
+def from_pretrained(path: str | os.PathLike, verbose: bool = True) -> tuple[VLM, Processor]:
+    """Rebuild the backbones named in ``path/config.json`` and load the trainable weights."""
+    cfg, meta = load_config(path)
+    model, processor = create_model_and_transforms(cfg, verbose=verbose)
+    saved = meta.get("added_tokens", {})
+    now = {cfg.image_token: model.image_token_id, cfg.end_of_chunk_token: model.end_of_chunk_token_id}
+    if saved and saved != now:
+        raise ValueError(f"{path}: added token ids {saved} differ from this tokenizer's {now}")
+    load_trainable(model, load_file(Path(path) / WEIGHTS_FILE), source=str(Path(path) / WEIGHTS_FILE))
+    return model, processor

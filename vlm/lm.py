@@ -1,0 +1,142 @@
+"""Adapting a Hugging Face causal LM by composition.
+
+Every decoder layer is wrapped in a :class:`CrossAttnDecoderLayer` placed in the
+LM's own layer list; chosen ones hold a gated cross-attention block that runs before
+the original layer. The per-call :class:`~vlm.xattn.MediaState` reaches the layers as
+a keyword argument: current transformers decoders forward ``**kwargs`` to every
+layer, and wrapping all layers keeps that keyword away from the original ones.
+New tokens (``<image>``, ``<|endofchunk|>``) get their own small embedding; the
+original table stays frozen and untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .xattn import GatedCrossAttentionBlock, MediaState
+
+MEDIA_KWARG = "vlm_media"
+
+
+class CrossAttnDecoderLayer(nn.Module):
+    """An original decoder layer, optionally preceded by a gated cross-attention block."""
+
+    def __init__(self, decoder_layer: nn.Module, index: int, xattn: GatedCrossAttentionBlock | None):
+        super().__init__()
+        self.decoder_layer = decoder_layer
+        self.xattn = xattn
+        self.index = index
+
+    def forward(self, *args, **kwargs):
+        media: MediaState | None = kwargs.pop(MEDIA_KWARG, None)
+        if self.xattn is not None and media is not None:
+            media.visits += 1
+            if args:
+                args = (self.xattn(args[0], media, self.index), *args[1:])
+            else:
+                kwargs["hidden_states"] = self.xattn(kwargs["hidden_states"], media, self.index)
+        return self.decoder_layer(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        # Model code sometimes reads attributes of its layers (e.g. attention_type).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            modules = self.__dict__.get("_modules") or {}
+            if "decoder_layer" not in modules:
+                raise
+            return getattr(modules["decoder_layer"], name)
+
+
+def find_decoder(lm: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
+    """The LM's decoder stack (embeddings → layers → final norm) and its layer list."""
+    decoder = lm.get_decoder() if hasattr(lm, "get_decoder") else None
+    config = getattr(lm, "config", None)
+    n = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
+    if decoder is not None:
+        lists = [m for m in decoder.children() if isinstance(m, nn.ModuleList) and len(m) > 0]
+        if n is not None:
+            lists = [m for m in lists if len(m) == n]
+        if len(lists) == 1:
+            return decoder, lists[0]
+    raise ValueError(
+        f"cannot find the decoder layers of {type(lm).__name__}: expected get_decoder() to return a "
+        f"module holding one nn.ModuleList of its {n} layers. This LM family is not supported."
+    )
+
+
+def check_supported_lm(lm: nn.Module) -> None:
+    """Refuse families whose logits are more than output-embedding(hidden): we compute
+    logits ourselves (only where needed), so post-processing would be silently lost."""
+    config = lm.config
+    for attr in ("final_logit_softcapping", "logit_scale", "output_multiplier_scale", "logits_scaling"):
+        value = getattr(config, attr, None)
+        if value not in (None, 1, 1.0):
+            raise ValueError(f"{type(lm).__name__} post-processes its logits ({attr}={value}); not supported yet")
+    if lm.get_output_embeddings() is None:
+        raise ValueError(f"{type(lm).__name__} has no output embeddings; is it a causal LM?")
+
+
+def insert_cross_attention(layers: nn.ModuleList, indices: list[int], make_block) -> list[CrossAttnDecoderLayer]:
+    """Wrap every layer of ``layers`` in place; ``make_block()`` builds each cross-attention block."""
+    wanted = set(indices)
+    wrapped = []
+    for i, layer in enumerate(layers):
+        if isinstance(layer, CrossAttnDecoderLayer):
+            raise ValueError("this LM already has cross-attention layers")
+        wrapper = CrossAttnDecoderLayer(layer, i, make_block() if i in wanted else None)
+        layers[i] = wrapper
+        wrapped.append(wrapper)
+    return wrapped
+
+
+class TokenEmbedding(nn.Module):
+    """The frozen input embedding plus trainable rows for the added tokens."""
+
+    def __init__(self, base: nn.Embedding, new_token_ids: list[int]):
+        super().__init__()
+        self.base = base
+        self.base_rows = base.num_embeddings
+        weight = base.weight.detach()
+        # New rows start at the mean of the old ones: a plausible token, not noise.
+        init = weight.float().mean(0, keepdim=True).repeat(len(new_token_ids), 1)
+        self.new_rows = nn.Parameter(init)
+        size = max(self.base_rows, max(new_token_ids) + 1)
+        lookup = torch.full((size,), -1, dtype=torch.long)
+        lookup[torch.tensor(new_token_ids)] = torch.arange(len(new_token_ids))
+        self.register_buffer("new_index", lookup, persistent=False)
+        self.register_buffer("new_ids", torch.tensor(new_token_ids), persistent=False)
+        self.vocab_size = size
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        k = self.new_index[input_ids]  # (B, S); -1 for original tokens
+        out = self.base(input_ids.clamp(max=self.base_rows - 1))
+        new = self.new_rows[k.clamp(min=0)].to(out.dtype)
+        return torch.where((k >= 0)[..., None], new, out)
+
+
+class OutputHead(nn.Module):
+    """The frozen LM head plus scores for the added tokens.
+
+    When the LM ties input and output embeddings, the added tokens' output rows are
+    their input rows; otherwise they get rows of their own.
+    """
+
+    def __init__(self, base: nn.Module, embedding: TokenEmbedding, tied: bool):
+        super().__init__()
+        self.base = base
+        self.embedding = [embedding]  # a reference, not a submodule: its rows are saved once
+        self.tied = tied
+        self.new_rows = None if tied else nn.Parameter(embedding.new_rows.detach().clone())
+        self.vocab_size = embedding.vocab_size
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.base(hidden)  # (..., V_lm)
+        extra = self.vocab_size - logits.shape[-1]
+        if extra > 0:
+            logits = nn.functional.pad(logits, (0, extra), value=torch.finfo(logits.dtype).min)
+        emb = self.embedding[0]
+        rows = emb.new_rows if self.tied else self.new_rows
+        new = hidden.to(rows.dtype) @ rows.t()  # (..., K)
+        return logits.index_copy(-1, emb.new_ids, new.to(logits.dtype))

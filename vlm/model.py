@@ -1,0 +1,173 @@
+"""The vision-language model: frozen encoder → resampler → frozen LM with cross-attention."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .config import VLMConfig
+from .lm import MEDIA_KWARG, OutputHead, TokenEmbedding, find_decoder
+from .resampler import PerceiverResampler
+from .vision import VisionEncoder
+from .xattn import MediaState
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class VLMOutput:
+    loss: torch.Tensor | None
+    logits: torch.Tensor | None  # (B, S, V), or None when not asked for
+
+
+class VLM(nn.Module):
+    """Build it with :func:`vlm.create_model_and_transforms` or :func:`vlm.from_pretrained`."""
+
+    def __init__(
+        self,
+        config: VLMConfig,
+        vision: VisionEncoder,
+        lm: nn.Module,
+        resampler: PerceiverResampler,
+        image_token_id: int,
+        end_of_chunk_token_id: int,
+        cross_attn_layers: list[int],
+    ):
+        super().__init__()
+        self.config = config
+        self.vision = vision
+        self.lm = lm
+        self.resampler = resampler
+        self.image_token_id = image_token_id
+        self.end_of_chunk_token_id = end_of_chunk_token_id
+        self.cross_attn_layers = cross_attn_layers
+        base_in, base_out = lm.get_input_embeddings(), lm.get_output_embeddings()
+        self.embed = TokenEmbedding(base_in, [image_token_id, end_of_chunk_token_id])
+        self.head = OutputHead(base_out, self.embed, tied=base_out.weight is base_in.weight)
+        self._decoder = [find_decoder(lm)[0]]  # a reference: it is already a submodule of lm
+
+    @property
+    def decoder(self) -> nn.Module:
+        return self._decoder[0]
+
+    def train(self, mode: bool = True) -> VLM:
+        super().train(mode)
+        # Frozen backbones stay in eval mode: no dropout noise, no batch-norm updates.
+        self.vision.eval()
+        self.lm.eval()
+        for layer in self.decoder_layers():
+            if layer.xattn is not None:
+                layer.xattn.train(mode)
+        return self
+
+    def decoder_layers(self):
+        return find_decoder(self.lm)[1]
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+
+    # ------------------------------------------------------------------ pieces
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, T, C, H, W)`` (or ``(B, C, H, W)``) → latents ``(B, T, L, D_lm)``."""
+        if images.ndim == 4:
+            images = images[:, None]
+        if images.ndim != 5:
+            raise ValueError(f"images must be (B, T, C, H, W) or (B, C, H, W), got shape {tuple(images.shape)}")
+        tower_param = next(self.vision.parameters())
+        with torch.no_grad():
+            feats = self.vision(images.to(tower_param.dtype))  # (B, T, N, Dv)
+        return self.resampler(feats.to(self.resampler.proj_in.weight.dtype))
+
+    def media_state(self, latents: torch.Tensor, input_ids: torch.Tensor) -> MediaState:
+        media_index = (input_ids == self.image_token_id).cumsum(dim=1)  # (B, S)
+        counts = media_index[:, -1]
+        if bool((counts > latents.shape[1]).any()):
+            bad = int(torch.nonzero(counts > latents.shape[1])[0, 0])
+            raise ValueError(
+                f"sample {bad} has {int(counts[bad])} {self.config.image_token} tokens but only "
+                f"{latents.shape[1]} images were given"
+            )
+        return MediaState(latents, media_index, self.config.cross_attn.only_latest_image)
+
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        media: MediaState | None = None,
+        **decoder_kwargs,
+    ):
+        """Run the decoder stack; returns the transformers output (``last_hidden_state`` (B, S, D))."""
+        embeds = self.embed(input_ids)  # (B, S, D)
+        kwargs = dict(decoder_kwargs)
+        if media is not None:
+            kwargs[MEDIA_KWARG] = media
+            media.visits = 0
+        kwargs.setdefault("use_cache", False)
+        out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
+        if media is not None and media.visits != len(self.cross_attn_layers):
+            raise RuntimeError(
+                f"{type(self.lm).__name__} did not pass keyword arguments on to its decoder layers "
+                f"({media.visits} of {len(self.cross_attn_layers)} cross-attention layers ran); "
+                "this LM family is not supported"
+            )
+        return out
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_logits: bool = True,
+    ) -> VLMOutput:
+        """``images`` (B, T, C, H, W); ``input_ids``, ``attention_mask``, ``labels`` (B, S).
+
+        Labels are aligned with ``input_ids`` (shifted here); ``-100`` is ignored. With
+        ``return_logits=False`` logits are computed only where labels are, which is
+        what training needs and is markedly cheaper for a large vocabulary.
+        """
+        media = None
+        if images is not None:
+            media = self.media_state(self.encode_images(images), input_ids)
+        hidden = self.hidden_states(input_ids, attention_mask, media).last_hidden_state  # (B, S, D)
+        logits = self.head(hidden) if return_logits else None
+        loss = None
+        if labels is not None:
+            targets = labels[:, 1:]
+            if logits is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
+                )
+            else:
+                keep = targets != IGNORE_INDEX
+                picked = self.head(hidden[:, :-1][keep])  # (n_labels, V)
+                loss = F.cross_entropy(picked.float(), targets[keep]) if picked.shape[0] else picked.sum() * 0.0
+        return VLMOutput(loss=loss, logits=logits)
+
+    @torch.no_grad()
+    def greedy_generate(
+        self,
+        images: torch.Tensor | None,
+        input_ids: torch.Tensor,
+        max_new_tokens: int = 32,
+        stop_token_ids: tuple[int, ...] = (),
+    ) -> torch.Tensor:
+        """Plain greedy decoding by full recomputation, batch of one (a reference for tests)."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("greedy_generate takes a batch of one")
+        latents = self.encode_images(images) if images is not None else None
+        ids = input_ids
+        for _ in range(max_new_tokens):
+            media = self.media_state(latents, ids) if latents is not None else None
+            hidden = self.hidden_states(ids, None, media).last_hidden_state
+            nxt = self.head(hidden[:, -1]).argmax(-1, keepdim=True)  # (1, 1)
+            ids = torch.cat([ids, nxt], dim=1)
+            if int(nxt) in stop_token_ids:
+                break
+        return ids[:, input_ids.shape[1] :]

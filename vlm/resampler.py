@@ -1,0 +1,87 @@
+"""Perceiver resampler (Flamingo, Alayrac et al. 2022, sec. 2.1 / fig. 5).
+
+Each image's variable number of spatial tokens is squeezed into a fixed set of
+learned latents. Unlike OpenFlamingo, which runs its perceiver at the vision width,
+we project to a (usually smaller) working width first: the resampler's cost then
+does not grow with the vision tower.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def feed_forward(dim: int, mult: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.LayerNorm(dim),
+        nn.Linear(dim, dim * mult, bias=False),
+        nn.GELU(),
+        nn.Linear(dim * mult, dim, bias=False),
+    )
+
+
+class PerceiverAttention(nn.Module):
+    """Latents attend to the image tokens concatenated with themselves."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.norm_media = nn.LayerNorm(dim)
+        self.norm_latents = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+
+    def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        # x: (M, N, D) image tokens; latents: (M, L, D), M = batch * images
+        x = self.norm_media(x)
+        latents = self.norm_latents(latents)
+        q = self.to_q(latents)
+        k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
+        q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (M, H, *, hd)
+        out = F.scaled_dot_product_attention(q, k, v)
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class PerceiverResampler(nn.Module):
+    """Image tokens ``(B, T, N, Dv)`` → latents ``(B, T, L, D_lm)``."""
+
+    def __init__(
+        self,
+        vision_dim: int,
+        lm_dim: int,
+        dim: int,
+        num_latents: int,
+        depth: int,
+        heads: int,
+        head_dim: int,
+        ff_mult: int,
+        max_images: int,
+    ):
+        super().__init__()
+        self.max_images = max_images
+        self.proj_in = nn.Linear(vision_dim, dim)
+        self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
+        # Media-time embeddings: where an image sits among a sample's images.
+        self.media_time = nn.Parameter(torch.randn(max_images, 1, dim) * 0.02)
+        self.layers = nn.ModuleList(
+            nn.ModuleList([PerceiverAttention(dim, heads, head_dim), feed_forward(dim, ff_mult)]) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim)
+        self.proj_out = nn.Linear(dim, lm_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t = x.shape[:2]
+        if t > self.max_images:
+            raise ValueError(f"{t} images per sample, but the resampler has {self.max_images} media-time embeddings")
+        x = self.proj_in(x) + self.media_time[:t]  # (B, T, N, D)
+        x = x.flatten(0, 1)  # (B*T, N, D)
+        latents = self.latents.expand(x.shape[0], -1, -1)  # (B*T, L, D)
+        for attn, ff in self.layers:
+            latents = latents + attn(x, latents)
+            latents = latents + ff(latents)
+        out = self.proj_out(self.norm(latents))  # (B*T, L, D_lm)
+        return out.unflatten(0, (b, t))

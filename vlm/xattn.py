@@ -1,0 +1,94 @@
+"""Gated cross-attention dense blocks and the per-call media state they read.
+
+Flamingo (Alayrac et al. 2022, sec. 2.2): before chosen frozen LM layers,
+``x = x + tanh(a) * xattn(x, latents)`` then ``x = x + tanh(f) * ffw(x)``, with the
+gates ``a = f = 0`` at init so the untrained model is exactly the LM.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .resampler import feed_forward
+
+
+def cross_attention_mask(
+    media_index: torch.Tensor, num_images: int, num_latents: int, only_latest: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Which latents each text token may attend to.
+
+    ``media_index`` (B, S) counts the ``<image>`` tokens at or before each position
+    (0: no image yet). Returns ``allowed`` (B, 1, S, T*L) and ``has_media`` (B, S, 1).
+    Rows without any image are allowed everything so that softmax stays finite; the
+    block then zeroes their output exactly.
+    """
+    key_image = torch.arange(1, num_images + 1, device=media_index.device).repeat_interleave(num_latents)  # (T*L,)
+    mi = media_index[:, :, None]  # (B, S, 1)
+    allowed = (key_image == mi) if only_latest else (key_image <= mi)
+    has_media = mi > 0
+    return (allowed | ~has_media)[:, None], has_media
+
+
+@dataclass
+class MediaState:
+    """What the cross-attention layers need for one forward call.
+
+    It travels with the call (as a keyword argument through the decoder), never on
+    the model, so one model can serve many requests at once.
+    """
+
+    latents: torch.Tensor  # (B, T, L, D)
+    media_index: torch.Tensor  # (B, S)
+    only_latest: bool = True
+    kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Per-layer cross-attention keys/values; a generation session fills it once."""
+    visits: int = 0
+    _mask: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def mask(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._mask is None:
+            _, images, latents, _ = self.latents.shape
+            self._mask = cross_attention_mask(self.media_index, images, latents, self.only_latest)
+        return self._mask
+
+
+class GatedCrossAttentionBlock(nn.Module):
+    """Text ``(B, S, D)`` attends to image latents; both sub-blocks behind tanh gates."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, ff_mult: int):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.norm = nn.LayerNorm(dim)
+        self.to_q = nn.Linear(dim, inner, bias=False)
+        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, dim, bias=False)
+        self.ff = feed_forward(dim, ff_mult)
+        self.attn_gate = nn.Parameter(torch.zeros(1))
+        self.ff_gate = nn.Parameter(torch.zeros(1))
+
+    def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values over all latents: (B, T, L, D) → 2 × (B, H, T*L, hd)."""
+        latents = latents.flatten(1, 2).to(self.to_kv.weight.dtype)
+        k, v = self.to_kv(latents).chunk(2, dim=-1)
+        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (k, v))
+
+    def forward(self, x: torch.Tensor, media: MediaState, layer: int) -> torch.Tensor:
+        kv = media.kv.get(layer)
+        k, v = kv if kv is not None else self.media_kv(media.latents)
+        allowed, has_media = media.mask()
+        if media.latents.shape[1] == 1:
+            allowed = None  # one image: every row with media sees all keys; skip the mask
+        h = x.to(self.to_q.weight.dtype)
+        q = self.to_q(self.norm(h)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, hd)
+        attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed)
+        attn = self.to_out(attn.transpose(1, 2).flatten(2))  # (B, S, D)
+        attn = torch.where(has_media, attn, torch.zeros((), dtype=attn.dtype, device=attn.device))
+        h = h + torch.tanh(self.attn_gate) * attn
+        h = h + torch.tanh(self.ff_gate) * self.ff(h)
+        # Add only the update back in the LM's dtype, so zero gates leave x bit-identical.
+        return x + (h - x.to(h.dtype)).to(x.dtype) if h.dtype != x.dtype else h
