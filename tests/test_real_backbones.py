@@ -64,3 +64,12 @@ def test_default_vlm_forward_and_backward_on_a_batch_of_two(default_model):
     assert all(p.grad is None for p in model.vision.parameters())
     model.zero_grad(set_to_none=True)
     model.eval()
+
+
+def test_default_cached_generation_equals_full_recomputation(default_model):
+    model, processor = default_model
+    segments = processor.chat_segments([("What is in this picture?", None)])
+    batch = processor([segments], [[_photo("chelsea")]])
+    reference = model.greedy_generate(batch["images"], batch["input_ids"], 16)[0].tolist()
+    cached = model.generate(batch["images"], batch["input_ids"], max_new_tokens=16, stop_token_ids=())
+    assert cached.tokens[0] == reference

@@ -150,6 +150,12 @@ class VLM(nn.Module):
                 loss = F.cross_entropy(picked.float(), targets[keep]) if picked.shape[0] else picked.sum() * 0.0
         return VLMOutput(loss=loss, logits=logits)
 
+    def generate(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask=None, **kwargs):
+        """Cached generation; see :func:`vlm.generate.generate` for the options."""
+        from .generate import generate  # generate.py builds on this module
+
+        return generate(self, images, input_ids, attention_mask, **kwargs)
+
     @torch.no_grad()
     def greedy_generate(
         self,
@@ -158,7 +164,8 @@ class VLM(nn.Module):
         max_new_tokens: int = 32,
         stop_token_ids: tuple[int, ...] = (),
     ) -> torch.Tensor:
-        """Plain greedy decoding by full recomputation, batch of one (a reference for tests)."""
+        """Plain greedy decoding by full recomputation at every step, batch of one: the
+        slow reference that tests hold the cached :meth:`generate` against."""
         if input_ids.shape[0] != 1:
             raise ValueError("greedy_generate takes a batch of one")
         latents = self.encode_images(images) if images is not None else None

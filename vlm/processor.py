@@ -55,20 +55,37 @@ class Processor:
         """Free text with ``<image>`` markers, all trained (media tokens excepted)."""
         return [Segment(text, True)]
 
-    def chat_segments(self, turns: Sequence[tuple[str, str | None]], num_images: int = 1) -> list[Segment]:
-        """Question/answer turns about ``num_images`` images shown before the first question.
+    def caption_prompt(self, prompt: str = "") -> list[Segment]:
+        """Inference form of :meth:`caption_segments`: the model continues with a caption."""
+        return [Segment(self.image_token + prompt, False)]
 
-        With a chat template (e.g. ChatML) the LM's own format is used; otherwise
+    def chat_segments(
+        self,
+        turns: Sequence[tuple[str, str | None]],
+        num_images: int = 1,
+        images_per_turn: Sequence[int] | None = None,
+    ) -> list[Segment]:
+        """Question/answer turns; images are shown at the start of a user message.
+
+        By default ``num_images`` images come before the first question;
+        ``images_per_turn`` gives a count for every turn instead. With a chat template
+        (e.g. ChatML) the LM's own format is used; otherwise
         ``Question: … Answer: …<|endofchunk|>``. The last answer may be ``None``: the
         segments then end with the prompt for the model to answer (inference).
         """
         if not turns:
             raise ValueError("a chat sample needs at least one (question, answer) turn")
-        images = self.image_token * num_images
+        if images_per_turn is None:
+            images_per_turn = [num_images] + [0] * (len(turns) - 1)
+        if len(images_per_turn) != len(turns):
+            raise ValueError(f"{len(turns)} turns but {len(images_per_turn)} image counts")
+        if any(a is None for _, a in turns[:-1]):
+            raise ValueError("only the last turn may lack an answer")
         if not self.uses_chat_template:
-            segments = [Segment(images, False)] if images else []
+            segments = []
             for i, (q, a) in enumerate(turns):
-                segments.append(Segment(("" if i == 0 else " ") + f"Question: {q} Answer:", False))
+                lead = self.image_token * images_per_turn[i] if images_per_turn[i] else ("" if i == 0 else " ")
+                segments.append(Segment(f"{lead}Question: {q} Answer:", False))
                 if a is not None:
                     segments.append(Segment(f" {a}{self.end_of_chunk_token}", True))
             return segments
@@ -77,13 +94,11 @@ class Processor:
             messages.append({"role": "system", "content": self.system_prompt})
         segments, rendered = [], ""
         for i, (q, a) in enumerate(turns):
-            messages.append({"role": "user", "content": (images if i == 0 else "") + q})
+            messages.append({"role": "user", "content": self.image_token * images_per_turn[i] + q})
             prompt = self._render(messages, add_generation_prompt=True)
             segments.append(Segment(prompt[len(rendered) :], False))
             rendered = prompt
             if a is None:
-                if i != len(turns) - 1:
-                    raise ValueError("only the last turn may lack an answer")
                 break
             messages.append({"role": "assistant", "content": a})
             full = self._render(messages, add_generation_prompt=False)
@@ -92,6 +107,12 @@ class Processor:
             segments.append(Segment(full[len(rendered) :], True))
             rendered = full
         return segments
+
+    def few_shot_segments(self, examples: Sequence[tuple[str, str]], query: str) -> list[Segment]:
+        """k in-context examples, each one image with a (prompt, answer), then the query
+        prompt with its image: k + 1 images in all, in that order."""
+        turns = [*examples, (query, None)]
+        return self.chat_segments(turns, images_per_turn=[1] * len(turns))
 
     def _render(self, messages, add_generation_prompt: bool) -> str:
         return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)

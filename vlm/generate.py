@@ -1,0 +1,454 @@
+"""Generation: the LM's own KV cache, media keys/values computed once, beams, streaming.
+
+All per-request state lives in a :class:`Session` that the caller holds: the image
+latents, each cross-attention layer's keys/values over them (computed once per
+request, not once per step), the LM's ``DynamicCache``, and the tokens fed so far.
+A chat about one image keeps its session across turns, so the image is encoded once
+and a new turn only runs its new tokens. The model itself is never written to.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .model import VLM
+from .xattn import MediaState
+
+
+@dataclass
+class GenerationConfig:
+    """Decoding settings."""
+
+    max_new_tokens: int = 32
+    do_sample: bool = False
+    temperature: float = 1.0
+    top_k: int = 0
+    """Keep the k most likely tokens when sampling (0: all)."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set whose probability reaches top_p."""
+    seed: int | None = None
+    num_beams: int = 1
+    length_penalty: float = 1.0
+    """Beam scores are divided by length ** length_penalty."""
+    repetition_penalty: float = 1.0
+    """CTRL-style: >1 discourages tokens already in the prompt or output."""
+    stop_token_ids: tuple[int, ...] | None = None
+    """None: the tokenizer's EOS and ``<|endofchunk|>``."""
+    stop_strings: tuple[str, ...] = ()
+
+    def validate(self) -> GenerationConfig:
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0 or self.num_beams < 1 or self.repetition_penalty <= 0:
+            raise ValueError("top_k must be >= 0, num_beams >= 1 and repetition_penalty > 0")
+        if self.num_beams > 1 and self.do_sample:
+            raise ValueError("beam search with sampling is not supported; choose num_beams=1 or do_sample=False")
+        if self.num_beams > 1 and self.stop_strings:
+            raise ValueError("stop_strings work with greedy and sampling only; beam search stops on stop tokens")
+        return self
+
+
+class Session:
+    """Per-request state of one batch: media, cross-attention K/V, LM cache, tokens fed.
+
+    ``cache_media_kv=False`` recomputes the cross-attention keys/values at every step
+    (OpenFlamingo's behaviour) and ``use_cache=False`` reruns the whole sequence at
+    every step; both exist as baselines for ``benchmarks/generate.py``.
+    """
+
+    def __init__(
+        self,
+        model: VLM,
+        images: torch.Tensor | None,
+        cache_media_kv: bool = True,
+        use_cache: bool = True,
+    ):
+        self.model = model
+        self.use_cache = use_cache
+        self.latents = model.encode_images(images) if images is not None else None  # (B, T, L, D)
+        self.media_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        if self.latents is not None and cache_media_kv:
+            for layer in model.decoder_layers():
+                if layer.xattn is not None:
+                    self.media_kv[layer.index] = layer.xattn.media_kv(self.latents)
+        self.cache = DynamicCache(config=model.lm.config) if use_cache else None
+        self.ids: torch.Tensor | None = None  # (B, S) every token fed so far
+        self.attention_mask: torch.Tensor | None = None  # (B, S)
+
+    @property
+    def length(self) -> int:
+        return 0 if self.ids is None else self.ids.shape[1]
+
+    def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Append tokens ``(B, S_new)``; returns the next-token logits ``(B, V)``."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if self.ids is not None:
+            input_ids_all = torch.cat([self.ids, input_ids], dim=1)
+            mask_all = torch.cat([self.attention_mask, attention_mask.to(self.attention_mask.dtype)], dim=1)
+        else:
+            input_ids_all, mask_all = input_ids, attention_mask
+        if self.latents is not None and bool(
+            ((input_ids_all == self.model.image_token_id).sum(1) > self.latents.shape[1]).any()
+        ):
+            raise ValueError(f"more {self.model.config.image_token} tokens than images in this session")
+        # Left padding: positions count real tokens only.
+        positions = (mask_all.cumsum(1) - 1).clamp(min=0)
+        run_ids = input_ids if self.use_cache else input_ids_all
+        media = None
+        if self.latents is not None:
+            media_index = (input_ids_all == self.model.image_token_id).cumsum(1)[:, -run_ids.shape[1] :]
+            only_latest = self.model.config.cross_attn.only_latest_image
+            media = MediaState(self.latents, media_index, only_latest, kv=self.media_kv)
+        out = self.model.hidden_states(
+            run_ids,
+            mask_all,
+            media,
+            position_ids=positions[:, -run_ids.shape[1] :],
+            cache=self.cache,
+            use_cache=self.use_cache,
+        )
+        self.ids, self.attention_mask = input_ids_all, mask_all
+        return self.model.head(out.last_hidden_state[:, -1])  # (B, V)
+
+    def rewind(self, length: int) -> None:
+        """Forget every token after the first ``length`` (crops the LM cache)."""
+        if length < self.length:
+            if self.cache is not None:
+                self.cache.crop(length - self.length)
+            self.ids = self.ids[:, :length] if length else None
+            self.attention_mask = self.attention_mask[:, :length] if length else None
+
+    def extend_to(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """Make the session hold exactly ``input_ids`` (1, S), reusing the longest common
+        prefix already fed: a new chat turn runs only its new tokens."""
+        if input_ids.shape[0] != 1:
+            raise ValueError("extend_to takes a batch of one")
+        common = 0
+        if self.ids is not None:
+            n = min(self.length, input_ids.shape[1] - 1)  # always feed at least one token
+            same = (self.ids[0, :n] == input_ids[0, :n]).long()
+            common = int(same.cumprod(0).sum())
+        self.rewind(common)
+        return self.feed(input_ids[:, common:])
+
+    def repeat_interleave(self, k: int) -> None:
+        """Each sample becomes k consecutive rows (for beam search)."""
+        if self.cache is not None:
+            self.cache.batch_repeat_interleave(k)
+        self.ids = self.ids.repeat_interleave(k, 0)
+        self.attention_mask = self.attention_mask.repeat_interleave(k, 0)
+        if self.latents is not None:
+            self.latents = self.latents.repeat_interleave(k, 0)
+            self.media_kv = {
+                i: (a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for i, (a, b) in self.media_kv.items()
+            }
+
+    def select(self, rows: torch.Tensor) -> None:
+        """Keep ``rows`` in this order (beam reordering). Beams never move between samples,
+        so the media tensors, identical within a sample, need no reordering."""
+        if self.cache is not None:
+            self.cache.reorder_cache(rows)
+        self.ids = self.ids[rows]
+        self.attention_mask = self.attention_mask[rows]
+
+
+# ---------------------------------------------------------------------- logits
+
+
+def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, cfg: GenerationConfig) -> torch.Tensor:
+    """Repetition penalty, temperature, top-k and top-p, in that order. ``logits`` (B, V)."""
+    logits = logits.float()
+    if cfg.repetition_penalty != 1.0 and seen is not None:
+        picked = logits.gather(1, seen)
+        picked = torch.where(picked > 0, picked / cfg.repetition_penalty, picked * cfg.repetition_penalty)
+        logits = logits.scatter(1, seen, picked)
+    if not cfg.do_sample:
+        return logits
+    logits = logits / cfg.temperature
+    if cfg.top_k > 0:
+        kth = logits.topk(min(cfg.top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if cfg.top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # Drop a token when the tokens ranked above it already reach top_p.
+        drop = probs.cumsum(-1) - probs >= cfg.top_p
+        logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
+    return logits
+
+
+def _pick(logits: torch.Tensor, cfg: GenerationConfig, generator: torch.Generator | None) -> torch.Tensor:
+    if not cfg.do_sample:
+        return logits.argmax(-1)
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[list[int]]
+    """New tokens per sample, without the stop token."""
+    finish_reasons: list[str]
+    """``"stop_token"``, ``"stop_string"`` or ``"length"`` per sample."""
+    session: Session
+    texts: list[str] | None = None
+    scores: list[float] = field(default_factory=list)
+
+
+def _stop_ids(model: VLM, tokenizer, cfg: GenerationConfig) -> set[int]:
+    if cfg.stop_token_ids is not None:
+        return set(cfg.stop_token_ids)
+    ids = {model.end_of_chunk_token_id}
+    eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if eos is None:
+        eos = getattr(model.lm.config, "eos_token_id", None)
+    if isinstance(eos, int):
+        ids.add(eos)
+    elif isinstance(eos, list | tuple):
+        ids.update(eos)
+    return ids
+
+
+def _first_stop_string(text: str, stops: tuple[str, ...]) -> int:
+    hits = [text.find(s) for s in stops if s and s in text]
+    return min(hits) if hits else -1
+
+
+def sample_steps(
+    model: VLM,
+    session: Session,
+    logits: torch.Tensor,
+    cfg: GenerationConfig,
+    tokenizer=None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Greedy or sampled decoding. Yields ``(tokens (B,), active (B,))`` per step, where
+    ``active`` marks rows whose token belongs to the output."""
+    stops = torch.tensor(sorted(_stop_ids(model, tokenizer, cfg)), device=logits.device)
+    generator = None
+    if cfg.do_sample and cfg.seed is not None:
+        generator = torch.Generator(device=logits.device).manual_seed(cfg.seed)
+    batch = logits.shape[0]
+    active = torch.ones(batch, dtype=torch.bool, device=logits.device)
+    for step in range(cfg.max_new_tokens):
+        seen = session.ids if cfg.repetition_penalty != 1.0 else None
+        tokens = _pick(process_logits(logits, seen, cfg), cfg, generator)
+        is_stop = torch.isin(tokens, stops)
+        yield tokens, active & ~is_stop
+        active = active & ~is_stop
+        if not bool(active.any()) or step == cfg.max_new_tokens - 1:
+            return
+        # Finished rows keep running on a pad token; their outputs are ignored.
+        fed = torch.where(active, tokens, torch.zeros_like(tokens))
+        logits = session.feed(fed[:, None], active[:, None].long())
+
+
+def _generate_sampled(model, session, logits, cfg, tokenizer) -> GenerationResult:
+    batch = logits.shape[0]
+    tokens: list[list[int]] = [[] for _ in range(batch)]
+    reasons = ["length"] * batch
+    done = [False] * batch
+    texts: list[str] | None = [""] * batch if (cfg.stop_strings and tokenizer is not None) else None
+    for step_tokens, active in sample_steps(model, session, logits, cfg, tokenizer):
+        for b in range(batch):
+            if done[b]:
+                continue
+            if not bool(active[b]):
+                done[b], reasons[b] = True, "stop_token"
+                continue
+            tokens[b].append(int(step_tokens[b]))
+            if texts is not None:
+                text = tokenizer.decode(tokens[b], skip_special_tokens=True)
+                cut = _first_stop_string(text, cfg.stop_strings)
+                if cut >= 0:
+                    texts[b], done[b], reasons[b] = text[:cut], True, "stop_string"
+        if all(done):
+            break
+    if cfg.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer")
+    result = GenerationResult(tokens, reasons, session)
+    if tokenizer is not None:
+        result.texts = [
+            texts[b] if reasons[b] == "stop_string" else tokenizer.decode(tokens[b], skip_special_tokens=True)
+            for b in range(batch)
+        ]
+    return result
+
+
+def _generate_beams(model, session, logits, cfg, tokenizer) -> GenerationResult:
+    k = cfg.num_beams
+    batch, vocab = logits.shape
+    stops = _stop_ids(model, tokenizer, cfg)
+    session.repeat_interleave(k)
+    logits = logits.repeat_interleave(k, 0)  # (B*K, V)
+    beam_scores = torch.zeros(batch, k, device=logits.device)
+    beam_scores[:, 1:] = float("-inf")  # all beams start identical: expand from the first only
+    beams: list[list[int]] = [[] for _ in range(batch * k)]
+    finished: list[list[tuple[float, list[int], float]]] = [[] for _ in range(batch)]
+    done = [False] * batch
+
+    def norm(score: float, length: int) -> float:
+        return score / (max(length, 1) ** cfg.length_penalty)
+
+    for step in range(cfg.max_new_tokens):
+        seen = session.ids if cfg.repetition_penalty != 1.0 else None
+        logp = process_logits(logits, seen, cfg).log_softmax(-1)  # (B*K, V)
+        cand = (beam_scores.view(-1, 1) + logp).view(batch, k * vocab)
+        top_scores, top_idx = cand.topk(2 * k, dim=1)
+        rows, next_tokens, next_scores = [], [], []
+        for b in range(batch):
+            chosen = 0
+            for score, idx in zip(top_scores[b].tolist(), top_idx[b].tolist()):
+                beam, tok = divmod(idx, vocab)
+                row = b * k + beam
+                if done[b]:
+                    break
+                if tok in stops:
+                    if len(finished[b]) < k or norm(score, step + 1) > min(f[0] for f in finished[b]):
+                        finished[b].append((norm(score, step + 1), list(beams[row]), score))
+                        finished[b].sort(key=lambda f: -f[0])
+                        del finished[b][k:]
+                    continue
+                rows.append(row)
+                next_tokens.append(tok)
+                next_scores.append(score)
+                chosen += 1
+                if chosen == k:
+                    break
+            if done[b] or chosen < k:  # a finished sample keeps dummy beams
+                pad = k - (0 if done[b] else chosen)
+                rows.extend([b * k] * pad)
+                next_tokens.extend([0] * pad)
+                next_scores.extend([float("-inf")] * pad)
+            best_running = max(next_scores[-k:])
+            if len(finished[b]) == k and (
+                best_running == float("-inf") or norm(best_running, step + 1) <= finished[b][-1][0]
+            ):
+                done[b] = True
+        if all(done):
+            break
+        idx = torch.tensor(rows, device=logits.device)
+        beams = [beams[r] + [t] for r, t in zip(rows, next_tokens)]
+        beam_scores = torch.tensor(next_scores, device=logits.device).view(batch, k)
+        session.select(idx)
+        if step < cfg.max_new_tokens - 1:
+            logits = session.feed(torch.tensor(next_tokens, device=logits.device)[:, None])
+    tokens, reasons, scores = [], [], []
+    for b in range(batch):
+        pool = list(finished[b])
+        reason = {id(f): "stop_token" for f in pool}
+        if not done[b]:
+            for j in range(k):
+                s = float(beam_scores[b, j])
+                if s != float("-inf"):
+                    entry = (norm(s, len(beams[b * k + j])), beams[b * k + j], s)
+                    pool.append(entry)
+                    reason[id(entry)] = "length"
+        best = max(pool, key=lambda f: f[0])
+        tokens.append(best[1])
+        reasons.append(reason[id(best)])
+        scores.append(best[0])
+    result = GenerationResult(tokens, reasons, session, scores=scores)
+    if tokenizer is not None:
+        result.texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]
+    return result
+
+
+@torch.inference_mode()
+def generate(
+    model: VLM,
+    images: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    config: GenerationConfig | None = None,
+    session: Session | None = None,
+    tokenizer=None,
+    **overrides,
+) -> GenerationResult:
+    """Generate for a batch (left-padded ``input_ids`` (B, S), ``images`` (B, T, C, H, W)).
+
+    Pass a ``session`` from an earlier call (batch of one) to continue a conversation:
+    its images are not encoded again and only tokens beyond the common prefix run.
+    Keyword overrides set fields of ``config`` (e.g. ``max_new_tokens=8``).
+    """
+    cfg = GenerationConfig(**{**(config.__dict__ if config else {}), **overrides}).validate()
+    if session is None:
+        session = Session(model, images)
+        logits = session.feed(input_ids, attention_mask)
+    else:
+        if images is not None:
+            raise ValueError("a continuing session already holds its images; pass images=None")
+        logits = session.extend_to(input_ids)
+    if cfg.num_beams > 1:
+        return _generate_beams(model, session, logits, cfg, tokenizer)
+    return _generate_sampled(model, session, logits, cfg, tokenizer)
+
+
+@torch.inference_mode()
+def stream(
+    model: VLM,
+    tokenizer,
+    images: torch.Tensor | None,
+    input_ids: torch.Tensor,
+    config: GenerationConfig | None = None,
+    session: Session | None = None,
+    **overrides,
+) -> Iterator[str]:
+    """Yield the text of a batch-of-one generation piece by piece as tokens arrive.
+
+    A piece is released only once it is final: never half a multi-byte character (the
+    decoder's replacement character at the end means bytes are still missing) and
+    never text that might still turn out to start a stop string.
+    """
+    cfg = GenerationConfig(**{**(config.__dict__ if config else {}), **overrides}).validate()
+    if cfg.num_beams > 1:
+        raise ValueError("streaming works with greedy decoding and sampling, not beam search")
+    if input_ids.shape[0] != 1:
+        raise ValueError("stream takes a batch of one")
+    if session is None:
+        session = Session(model, images)
+        logits = session.feed(input_ids)
+    else:
+        logits = session.extend_to(input_ids)
+    tokens: list[int] = []
+    sent = 0
+    text = ""
+    for step_tokens, active in sample_steps(model, session, logits, cfg, tokenizer):
+        if not bool(active[0]):
+            break
+        tokens.append(int(step_tokens[0]))
+        text = tokenizer.decode(tokens, skip_special_tokens=True)
+        cut = _first_stop_string(text, cfg.stop_strings)
+        if cut >= 0:
+            text = text[:cut]
+            break
+        if text.endswith("\ufffd"):
+            continue
+        safe = len(text) - _held_back(text, cfg.stop_strings)
+        if safe > sent:
+            yield text[sent:safe]
+            sent = safe
+    if len(text) > sent:
+        yield text[sent:]
+
+
+def _held_back(text: str, stops: tuple[str, ...]) -> int:
+    """How many trailing characters could be the start of a stop string."""
+    hold = 0
+    for s in stops:
+        for n in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:n]):
+                hold = max(hold, n)
+                break
+    return hold
