@@ -7,6 +7,17 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VLM_VENV:-$root/.venv}"
 python="${PYTHON:-python3}"
 
+# Twitter emoji images (CC-BY 4.0) with names and categories, from npm, pinned.
+cache="${VLM_CACHE_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/vlm}"
+if [ ! -f "$cache/npm/node_modules/emoji-datasource-twitter/emoji.json" ]; then
+  if command -v npm >/dev/null 2>&1; then
+    echo "setup: installing emoji-datasource-twitter@16.0.0 into $cache/npm" >&2
+    npm install --silent --no-save --no-audit --no-fund --prefix "$cache/npm" emoji-datasource-twitter@16.0.0 >&2
+  else
+    echo "setup: npm not found; the emoji data set will be unavailable" >&2
+  fi
+fi
+
 stamp="$venv/.vlm-setup-stamp"
 want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then

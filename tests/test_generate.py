@@ -237,3 +237,18 @@ def test_int8_quantised_copy_keeps_the_adapter_in_float(trained_model):
     batch = processor([PROMPTS[0]], [_images()[0]])
     out = generate(quantized, batch["images"], batch["input_ids"], config=NO_STOP)
     assert len(out.tokens[0]) == NO_STOP.max_new_tokens
+
+
+def test_int8_calibration_keeps_inaccurate_layers_in_float(trained_model):
+    model, processor = trained_model("llama")
+    everything = quantize_lm_int8(model, processor.tokenizer, max_error=float("inf"))
+    nothing = quantize_lm_int8(model, processor.tokenizer, max_error=0.0)
+    some = quantize_lm_int8(model, processor.tokenizer, max_error=0.05)
+    assert len(everything.int8_layers) == len(
+        [n for n, m in model.named_modules() if n.startswith("lm.") and type(m) is nn.Linear and ".xattn." not in n]
+    )
+    assert nothing.int8_layers == []
+    assert set(some.int8_layers) <= set(everything.int8_layers)
+    modules = dict(some.named_modules())
+    assert all(type(modules[n]) is not nn.Linear for n in some.int8_layers)
+    assert all(type(modules[n]) is nn.Linear for n in set(everything.int8_layers) - set(some.int8_layers))

@@ -68,3 +68,31 @@ def test_bad_inputs_are_named(make_model):
         processor(["<image>x"], [["not an image"]])
     with pytest.raises(ValueError, match="at least one"):
         processor.chat_segments([])
+
+
+def test_prompt_helpers_for_inference(make_model):
+    _, processor = make_model("gpt2")
+    decode = processor.tokenizer.decode
+    images = [shape_image(c) for c in ("red", "blue", "green")]
+    caption = processor([processor.caption_prompt("a photo of")], [images[:1]])
+    assert decode(caption["input_ids"][0]) == "<image>a photo of"
+    shots = processor.few_shot_segments([("what colour?", "red"), ("what colour?", "blue")], "what colour?")
+    batch = processor([shots], [images])
+    assert decode(batch["input_ids"][0]) == (
+        "<image>Question: what colour? Answer: red<|endofchunk|>"
+        "<image>Question: what colour? Answer: blue<|endofchunk|>"
+        "<image>Question: what colour? Answer:"
+    )
+    assert batch["images"].shape[:2] == (1, 3)
+    plain = processor.few_shot_segments([("", "a red circle")], "", style="caption")
+    assert decode(processor([plain], [images[:2]])["input_ids"][0]) == "<image>a red circle<|endofchunk|><image>"
+
+
+def test_few_shot_with_a_chat_template_puts_one_image_in_each_user_turn(make_model):
+    _, processor = make_model("llama")
+    shots = processor.few_shot_segments([("what colour?", "red")], "what colour?")
+    text = processor.tokenizer.decode(processor([shots], [[shape_image("red")] * 2])["input_ids"][0])
+    assert text == (
+        "<|im_start|>user\n<image>what colour?<|im_end|>\n<|im_start|>assistant\nred<|im_end|>\n"
+        "<|im_start|>user\n<image>what colour?<|im_end|>\n<|im_start|>assistant\n"
+    )

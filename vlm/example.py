@@ -2,7 +2,8 @@
 
 Without ``--model`` it builds the default preset on the bundled offline backbones,
 whose adapter is untrained: the LM then ignores the image (its gates are zero), so
-the answer shows the pipeline runs, not what a trained model sees.
+the answers show the pipeline runs (a streamed, multi-turn chat that encodes the
+image once), not what a trained model sees.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ from __future__ import annotations
 import argparse
 import time
 
-import torch
 from PIL import Image, ImageDraw
 
+from .chat import Chat
 from .factory import create_model_and_transforms, from_pretrained
 
 
@@ -30,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image", help="image file (default: a drawn red circle and blue square)")
     parser.add_argument("--model", help="checkpoint folder (default: fresh default preset)")
     parser.add_argument("--question", default="Describe this image in one sentence.")
-    parser.add_argument("--max-new-tokens", type=int, default=24)
+    parser.add_argument("--follow-up", nargs="*", default=["What is the capital of France?"], help="more turns")
+    parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
 
     if args.image:
@@ -45,13 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     model, processor = from_pretrained(args.model) if args.model else create_model_and_transforms()
     print(f"loaded in {time.perf_counter() - start:.1f} s")
-    batch = processor([processor.chat_segments([(args.question, None)])], [[image]])
-    stops = tuple(t for t in (processor.tokenizer.eos_token_id, processor.end_of_chunk_token_id) if t is not None)
-    start = time.perf_counter()
-    with torch.inference_mode():
-        new = model.greedy_generate(batch["images"], batch["input_ids"], args.max_new_tokens, stops)
-    answer = processor.tokenizer.decode(new[0], skip_special_tokens=True).strip()
-    print(f"Q: {args.question}\nA: {answer}\n({new.shape[1]} tokens in {time.perf_counter() - start:.1f} s)")
+    chat = Chat(model, processor, [image])
+    for question in [args.question, *args.follow_up]:
+        print(f"Q: {question}\nA: ", end="", flush=True)
+        start = time.perf_counter()
+        for piece in chat.ask_stream(question, max_new_tokens=args.max_new_tokens):
+            print(piece, end="", flush=True)
+        print(f"\n   ({time.perf_counter() - start:.2f} s; {chat.session.length} tokens in the session)")
     return 0
 
 

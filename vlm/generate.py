@@ -374,22 +374,23 @@ def generate(
     config: GenerationConfig | None = None,
     session: Session | None = None,
     tokenizer=None,
+    cache_media_kv: bool = True,
+    use_cache: bool = True,
     **overrides,
 ) -> GenerationResult:
     """Generate for a batch (left-padded ``input_ids`` (B, S), ``images`` (B, T, C, H, W)).
 
     Pass a ``session`` from an earlier call (batch of one) to continue a conversation:
     its images are not encoded again and only tokens beyond the common prefix run.
-    Keyword overrides set fields of ``config`` (e.g. ``max_new_tokens=8``).
+    Keyword overrides set fields of ``config`` (e.g. ``max_new_tokens=8``);
+    ``cache_media_kv``/``use_cache`` select the baselines described on :class:`Session`.
     """
     cfg = GenerationConfig(**{**(config.__dict__ if config else {}), **overrides}).validate()
     if session is None:
-        session = Session(model, images)
-        logits = session.feed(input_ids, attention_mask)
-    else:
-        if images is not None:
-            raise ValueError("a continuing session already holds its images; pass images=None")
-        logits = session.extend_to(input_ids)
+        session = Session(model, images, cache_media_kv=cache_media_kv, use_cache=use_cache)
+    elif images is not None:
+        raise ValueError("a continuing session already holds its images; pass images=None")
+    logits = session.feed(input_ids, attention_mask) if session.length == 0 else session.extend_to(input_ids)
     if cfg.num_beams > 1:
         return _generate_beams(model, session, logits, cfg, tokenizer)
     return _generate_sampled(model, session, logits, cfg, tokenizer)
@@ -418,9 +419,7 @@ def stream(
         raise ValueError("stream takes a batch of one")
     if session is None:
         session = Session(model, images)
-        logits = session.feed(input_ids)
-    else:
-        logits = session.extend_to(input_ids)
+    logits = session.feed(input_ids) if session.length == 0 else session.extend_to(input_ids)
     tokens: list[int] = []
     sent = 0
     text = ""

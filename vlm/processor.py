@@ -15,6 +15,10 @@ from PIL import Image
 
 from .model import IGNORE_INDEX
 
+# Task prompts shared by the data pipeline and the applications.
+CAPTION_PROMPT = "Describe the image in one sentence."
+SKETCH_PROMPT = "Write the HTML for this sketch."
+
 
 @dataclass
 class Segment:
@@ -108,9 +112,19 @@ class Processor:
             rendered = full
         return segments
 
-    def few_shot_segments(self, examples: Sequence[tuple[str, str]], query: str) -> list[Segment]:
+    def few_shot_segments(self, examples: Sequence[tuple[str, str]], query: str, style: str = "chat") -> list[Segment]:
         """k in-context examples, each one image with a (prompt, answer), then the query
-        prompt with its image: k + 1 images in all, in that order."""
+        prompt with its image: k + 1 images in all, in that order.
+
+        ``style="chat"`` uses :meth:`chat_segments` (one turn per example);
+        ``style="caption"`` is Flamingo's plain interleaving,
+        ``<image>{prompt}{answer}<|endofchunk|>…<image>{query}``.
+        """
+        if style == "caption":
+            segments = [seg for prompt, answer in examples for seg in self.caption_segments(answer, prompt)]
+            return segments + self.caption_prompt(query)
+        if style != "chat":
+            raise ValueError(f"style must be 'chat' or 'caption', got {style!r}")
         turns = [*examples, (query, None)]
         return self.chat_segments(turns, images_per_turn=[1] * len(turns))
 

@@ -1,0 +1,163 @@
+"""Generation speed: our caches against two baselines, in the same run.
+
+    python benchmarks/generate.py            # default backbones (EfficientNet-Lite0 + SmolLM2-135M)
+    python benchmarks/generate.py --tiny     # tiny random backbones, seconds
+    python benchmarks/generate.py --int8     # also: int8 LM speed and its effect on quality
+
+Modes: ``cached`` (LM KV cache + cross-attention K/V over the image computed once per
+request: ours), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
+recomputed at every step in every cross-attention layer, as OpenFlamingo does), and
+``no-cache`` (the whole sequence rerun at every step). Time to first token includes
+encoding the image. Exactly ``--new-tokens`` tokens are generated (stop tokens off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
+
+import vlm  # noqa: E402
+from vlm.example import example_image  # noqa: E402
+from vlm.generate import GenerationConfig, generate  # noqa: E402
+
+QUESTIONS = [
+    "What is in this picture?",
+    "Describe the image.",
+    "What colours do you see?",
+    "How many shapes are there?",
+    "Is there a circle?",
+    "Where is the square?",
+    "What is on the left?",
+    "Write a caption.",
+]
+
+PERPLEXITY_TEXT = (
+    "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
+    "It is named after the engineer Gustave Eiffel, whose company designed and built the tower. "
+    "Photosynthesis is the process by which green plants use sunlight to make food from carbon dioxide "
+    "and water. The water cycle describes how water evaporates, forms clouds and falls again as rain. "
+    "A triangle has three sides, a square has four equal sides, and a circle has no corners at all."
+)
+
+QUALITY_PROMPTS = [
+    "What is the capital of France?",
+    "Name three primary colours.",
+    "What is 12 plus 7?",
+    "Who wrote Romeo and Juliet?",
+    "What is the boiling point of water in Celsius?",
+    "Give me a synonym for happy.",
+    "What do bees make?",
+    "How many days are in a week?",
+]
+
+
+def build(tiny: bool):
+    if not tiny:
+        return vlm.create_model_and_transforms(verbose=False)
+    from vlm.tiny import make_tiny_lm, tiny_config
+
+    folder = make_tiny_lm(tempfile.mkdtemp(), "llama", chat=True)
+    return vlm.create_model_and_transforms(tiny_config(folder), verbose=False)
+
+
+def timed(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_mode(model, batch, new_tokens: int, mode: str) -> None:
+    cfg = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
+    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
+    generate(model, *args, config=cfg, cache_media_kv=(mode == "cached"), use_cache=(mode != "no-cache"))
+
+
+def speed_table(model, processor, batch_sizes, new_tokens: int, repeats: int, label: str = ""):
+    rows = []
+    for bs in batch_sizes:
+        segments = [processor.chat_segments([(QUESTIONS[i % len(QUESTIONS)], None)]) for i in range(bs)]
+        batch = processor(segments, [[example_image()] for _ in range(bs)], padding_side="left")
+        results = {}
+        for mode in ("cached", "media-kv-every-step", "no-cache"):
+            with torch.inference_mode():
+                ttft = timed(lambda m=mode, b=batch: run_mode(model, b, 1, m), repeats)
+                total = timed(lambda m=mode, b=batch: run_mode(model, b, new_tokens, m), repeats)
+            results[mode] = (ttft, bs * new_tokens / total)
+            rows.append((f"{label}{mode}", bs, ttft, bs * new_tokens / total))
+        base = results["cached"][1]
+        print(
+            f"batch {bs}: cached is {base / results['no-cache'][1]:.2f}x no-cache and "
+            f"{base / results['media-kv-every-step'][1]:.2f}x media-kv-every-step in tokens/s",
+            flush=True,
+        )
+    return rows
+
+
+def perplexity(model, processor, text: str) -> float:
+    ids = processor.tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    with torch.inference_mode():
+        out = model(None, ids, labels=ids)
+    return float(torch.exp(out.loss))
+
+
+def int8_quality(model, processor, quantized, new_tokens: int) -> None:
+    same, agree, total = 0, 0, 0
+    for q in QUALITY_PROMPTS:
+        batch = processor([processor.chat_segments([(q, None)], num_images=0)])
+        kwargs = dict(max_new_tokens=new_tokens, tokenizer=processor.tokenizer)
+        a = generate(model, None, batch["input_ids"], **kwargs)
+        b = generate(quantized, None, batch["input_ids"], **kwargs)
+        same += a.texts[0] == b.texts[0]
+        n = max(len(a.tokens[0]), len(b.tokens[0]))
+        agree += sum(x == y for x, y in zip(a.tokens[0], b.tokens[0]))
+        total += n
+        print(f"  {q!r}\n    fp32: {a.texts[0]!r}\n    int8: {b.texts[0]!r}")
+    print(f"greedy answers identical: {same}/{len(QUALITY_PROMPTS)}; token agreement {agree}/{total}")
+    p32, p8 = perplexity(model, processor, PERPLEXITY_TEXT), perplexity(quantized, processor, PERPLEXITY_TEXT)
+    print(f"perplexity on fixed text: fp32 {p32:.2f}, int8 {p8:.2f} ({(p8 / p32 - 1) * 100:+.1f}%)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="tiny random backbones instead of the defaults")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--int8", action="store_true", help="also time the int8 LM and compare its outputs")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, processor = build(args.tiny)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens")
+    rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats)
+    if args.int8:
+        from vlm.quantize import quantize_lm_int8
+
+        quantized = quantize_lm_int8(model, processor.tokenizer)
+        lm_linears = sum(
+            isinstance(m, torch.nn.Linear) and n.startswith("lm.") and ".xattn." not in n
+            for n, m in model.named_modules()
+        )
+        print(f"int8: {len(quantized.int8_layers)} of {lm_linears} LM linear layers quantised, the rest kept in float")
+        rows += speed_table(quantized, processor, args.batch_sizes, args.new_tokens, args.repeats, "int8 ")
+        int8_quality(model, processor, quantized, args.new_tokens)
+    print("\n| mode | batch | time to first token (s) | tokens/s |\n| --- | --- | --- | --- |")
+    for mode, bs, ttft, tps in rows:
+        print(f"| {mode} | {bs} | {ttft:.3f} | {tps:.1f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

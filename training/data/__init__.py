@@ -1,0 +1,1 @@
+"""Data: shard formats, builders, synthetic generators and the streaming loader."""

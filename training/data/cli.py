@@ -1,0 +1,118 @@
+"""``vlm-data``: write webdataset shards from your files, bundled data or generators.
+
+vlm-data folder photos/ --out shards/mine          # images + sidecar .txt captions
+vlm-data table pairs.csv --out shards/mine         # image,caption or image,question,answer
+vlm-data easy-vqa --split train --out shards/evqa
+vlm-data emoji --split train --kind caption --out shards/emoji
+vlm-data shapes --split train --count 20000 --out shards/shapes
+vlm-data sketch --split train --count 20000 --out shards/sketch
+vlm-data inspect 'shards/evqa/easy-vqa-train-{000000..000038}.tar' --kind qa
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator
+
+from tqdm import tqdm
+
+from . import builders
+from .decode import SkipCounter, SkipSample, decode_sample
+from .shards import FORMATS, ShardWriter, expand_shards, iter_tar, shard_pattern
+
+MAX_REPORTED = 20
+
+
+def write(samples: Iterator[builders.Built], out: str, prefix: str, shard_size: int, max_bytes: int) -> int:
+    """Write samples to shards with a progress bar; report unusable inputs. Returns the
+    number of unusable inputs."""
+    errors = 0
+    with ShardWriter(out, prefix, max_samples=shard_size, max_bytes=max_bytes) as writer:
+        bar = tqdm(samples, desc=prefix, unit=" samples", dynamic_ncols=True)
+        for sample, error in bar:
+            if error is not None:
+                errors += 1
+                if errors <= MAX_REPORTED:
+                    tqdm.write(f"skipped: {error}", file=sys.stderr)
+                continue
+            writer.write(sample)
+            bar.set_postfix(shards=len(writer.written) + 1, skipped=errors, refresh=False)
+    if errors > MAX_REPORTED:
+        print(f"... and {errors - MAX_REPORTED} more unusable inputs", file=sys.stderr)
+    if writer.written:
+        print(f"wrote {writer.count} samples to {len(writer.written)} shards: {shard_pattern(writer.written)}")
+    else:
+        print("wrote nothing: no usable samples", file=sys.stderr)
+    print(f"skipped {errors} unusable inputs")
+    return errors
+
+
+def inspect(spec: str, kind: str) -> int:
+    counts = SkipCounter()
+    good = 0
+    for path in tqdm(expand_shards(spec), desc="shards", unit=" shards"):
+        for raw in iter_tar(path):
+            try:
+                decode_sample(raw, kind)
+                good += 1
+            except SkipSample as e:
+                counts[e.reason] += 1
+    print(f"{good} usable samples; {counts.summary()}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm-data", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="source", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--out", required=True, help="output folder for the shards")
+    common.add_argument("--prefix", help="shard name prefix (default: from the source)")
+    common.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    common.add_argument("--max-shard-mb", type=int, default=256, help="megabytes per shard")
+    split = argparse.ArgumentParser(add_help=False)
+    split.add_argument("--split", default="train", choices=["train", "val", "test"])
+    generated = argparse.ArgumentParser(add_help=False)
+    generated.add_argument("--count", type=int, default=1000, help="scenes or pages to generate")
+    generated.add_argument("--seed", type=int, default=0)
+
+    p = sub.add_parser("folder", parents=[common], help="images with sidecar .txt captions")
+    p.add_argument("path")
+    p = sub.add_parser("table", parents=[common], help="CSV/JSONL: image,caption or image,question,answer")
+    p.add_argument("path")
+    p = sub.add_parser("easy-vqa", parents=[common], help="easy-VQA from PyPI (train or test)")
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p = sub.add_parser("emoji", parents=[common, split], help="Twitter emoji from npm")
+    p.add_argument("--kind", default="caption", choices=["caption", "qa"])
+    p = sub.add_parser("shapes", parents=[common, split, generated], help="synthetic shape scenes")
+    p.add_argument("--kind", default="qa", choices=["caption", "qa"])
+    sub.add_parser("sketch", parents=[common, split, generated], help="synthetic sketch-to-HTML pairs")
+    p = sub.add_parser("inspect", help="read shards back and count usable and skipped samples")
+    p.add_argument("shards")
+    p.add_argument("--kind", required=True, choices=FORMATS)
+    args = parser.parse_args(argv)
+
+    try:
+        if args.source == "inspect":
+            return inspect(args.shards, args.kind)
+        if args.source == "folder":
+            samples, prefix = builders.from_folder(args.path), "folder"
+        elif args.source == "table":
+            samples, prefix = builders.from_table(args.path), "table"
+        elif args.source == "easy-vqa":
+            samples, prefix = builders.easy_vqa(args.split), f"easy-vqa-{args.split}"
+        elif args.source == "emoji":
+            samples, prefix = builders.emoji(args.split, args.kind), f"emoji-{args.kind}-{args.split}"
+        elif args.source == "shapes":
+            samples = builders.shapes(args.split, args.count, args.seed, args.kind)
+            prefix = f"shapes-{args.kind}-{args.split}"
+        else:
+            samples, prefix = builders.sketches(args.split, args.count, args.seed), f"sketch-{args.split}"
+        write(samples, args.out, args.prefix or prefix, args.shard_size, args.max_shard_mb * 1024 * 1024)
+    except (FileNotFoundError, ValueError) as e:
+        parser.exit(2, f"vlm-data: error: {e}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
