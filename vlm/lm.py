@@ -31,7 +31,7 @@ class CrossAttnDecoderLayer(nn.Module):
     def forward(self, *args, **kwargs):
         media: MediaState | None = kwargs.pop(MEDIA_KWARG, None)
         if self.xattn is not None and media is not None:
-            media.visits += 1
+            media.visits.n += 1
             if args:
                 args = (self.xattn(args[0], media, self.index), *args[1:])
             else:

@@ -105,13 +105,13 @@ class VLM(nn.Module):
         kwargs = dict(decoder_kwargs)
         if media is not None:
             kwargs[MEDIA_KWARG] = media
-            media.visits = 0
+            media.visits.n = 0
         kwargs.setdefault("use_cache", False)
         out = self.decoder(inputs_embeds=embeds, attention_mask=attention_mask, **kwargs)
-        if media is not None and media.visits != len(self.cross_attn_layers):
+        if media is not None and media.visits.n != len(self.cross_attn_layers):
             raise RuntimeError(
                 f"{type(self.lm).__name__} did not pass keyword arguments on to its decoder layers "
-                f"({media.visits} of {len(self.cross_attn_layers)} cross-attention layers ran); "
+                f"({media.visits.n} of {len(self.cross_attn_layers)} cross-attention layers ran); "
                 "this LM family is not supported"
             )
         return out

@@ -33,6 +33,14 @@ def cross_attention_mask(
     return (allowed | ~has_media)[:, None], has_media
 
 
+class VisitCounter:
+    """How many cross-attention layers ran in a call. A plain object on purpose: wrappers
+    such as FSDP copy dataclasses, lists and dicts in a call's arguments, not this."""
+
+    def __init__(self) -> None:
+        self.n = 0
+
+
 @dataclass
 class MediaState:
     """What the cross-attention layers need for one forward call.
@@ -46,7 +54,7 @@ class MediaState:
     only_latest: bool = True
     kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Per-layer cross-attention keys/values; a generation session fills it once."""
-    visits: int = 0
+    visits: VisitCounter = field(default_factory=VisitCounter)
     _mask: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def mask(self) -> tuple[torch.Tensor, torch.Tensor]:

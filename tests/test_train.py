@@ -1,0 +1,169 @@
+"""The trainer on tiny random backbones: learning, DDP and FSDP2 (gloo), resume after
+SIGKILL, the non-finite guard, config overrides."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import shape_image
+from safetensors.torch import load_file
+
+import vlm
+from training import checkpoint as ckpt
+from training.config import TrainConfig, apply_overrides, resolve
+from training.data.shards import ShardWriter, caption_sample, image_bytes
+from training.train import main as train_main
+from vlm.tiny import make_tiny_lm, tiny_config
+
+# Two shards of four with the same number of caption tokens each (in the tiny tokenizer),
+# so the mean of the two ranks' mean losses is exactly the single process's mean loss.
+COLORS = ["red", "blue", "purple", "green", "cyan", "yellow", "orange", "white"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    """A tiny model folder and two shards of four captions each."""
+    root = tmp_path_factory.mktemp("train")
+    make_tiny_lm(root / "lm", "llama")
+    torch.manual_seed(0)
+    model, processor = vlm.create_model_and_transforms(tiny_config(root / "lm"), verbose=False)
+    vlm.save_pretrained(model, root / "init")
+    tokens = []
+    with ShardWriter(root / "shards", "caps", max_samples=4) as writer:
+        for i, color in enumerate(COLORS):
+            caption = f"a {color} circle"
+            tokens.append(len(processor.tokenizer(caption)["input_ids"]))
+            writer.write(caption_sample(f"s{i}", image_bytes(shape_image(color)), caption))
+    assert sum(tokens[:4]) == sum(tokens[4:])
+    return root
+
+
+def args(workspace, run: str, *extra: str) -> list[str]:
+    return [
+        "--model.preset", str(workspace / "init"),
+        "--data.sources", json.dumps([{"shards": str(workspace / "shards"), "kind": "caption"}]),
+        "--data.shuffle_buffer", "0",
+        "--data.num_workers", "0",
+        "--data.batch_size", "8",
+        "--optim.lr", "3e-3",
+        "--optim.warmup_steps", "5",
+        "--log_every", "1",
+        "--tensorboard", "false",
+        "--checkpoint.dir", str(workspace / run),
+        *extra,
+    ]  # fmt: skip
+
+
+def metrics(workspace, run: str) -> list[dict]:
+    lines = (workspace / run / "metrics.jsonl").read_text().splitlines()
+    return [json.loads(line) for line in lines]
+
+
+def test_single_process_training_reduces_the_loss(workspace):
+    assert train_main(args(workspace, "single", "--steps", "150", "--checkpoint.every", "150")) == 0
+    losses = [m["loss"] for m in metrics(workspace, "single")]
+    assert losses[-1] < losses[0] / 4, (losses[0], losses[-1])
+    final = workspace / "single" / "step-000150" / "model"
+    model, _ = vlm.from_pretrained(final, verbose=False)  # the export loads in the apps' format
+    assert any(p.abs().sum() > 0 for n, p in model.trainable_state_dict().items() if n.endswith("attn_gate"))
+
+
+def _torchrun(workspace, run: str, *extra: str, nproc: int = 2) -> subprocess.CompletedProcess:
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
+    cmd += ["-m", "training.train", *args(workspace, run, *extra)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done
+
+
+def test_ddp_two_processes_follow_the_single_process_curve(workspace):
+    steps = ["--steps", "20", "--checkpoint.every", "100"]
+    assert train_main(args(workspace, "ref", *steps)) == 0
+    _torchrun(workspace, "ddp", *steps, "--data.batch_size", "4", "--parallel.strategy", "ddp")
+    ref = [m["loss"] for m in metrics(workspace, "ref")]
+    ddp = [m["loss"] for m in metrics(workspace, "ddp")]
+    assert len(ddp) == len(ref) == 20
+    assert ref[-1] < ref[0] * 0.75, (ref[0], ref[-1])  # it does learn within these steps
+    assert ddp == pytest.approx(ref, rel=2e-3, abs=2e-3)
+
+
+def test_fsdp2_two_processes_train_checkpoint_and_resume(workspace):
+    common = ["--data.batch_size", "4", "--parallel.strategy", "fsdp", "--checkpoint.every", "5"]
+    _torchrun(workspace, "fsdp", "--steps", "10", *common)
+    first = metrics(workspace, "fsdp")
+    assert first[-1]["loss"] < first[0]["loss"]
+    done = _torchrun(workspace, "fsdp", "--steps", "15", *common)
+    assert "resumed from" in done.stdout and "step-000010" in done.stdout
+    steps = [m["step"] for m in metrics(workspace, "fsdp")]
+    assert steps[-5:] == [11, 12, 13, 14, 15]
+    state = load_file(workspace / "fsdp" / "step-000015" / "model" / "model.safetensors")
+    model, _ = vlm.from_pretrained(workspace / "fsdp" / "step-000015" / "model", verbose=False)
+    assert set(state) == set(model.trainable_state_dict())
+
+
+def test_sigkill_and_resume_ends_with_the_same_weights(workspace):
+    common = ["--steps", "30", "--checkpoint.every", "10", "--data.num_workers", "1", "--checkpoint.keep", "2"]
+    assert train_main(args(workspace, "straight", *common)) == 0
+    cmd = [sys.executable, "-m", "training.train", *args(workspace, "killed", *common)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (workspace / "killed" / "step-000010").is_dir() and time.time() < deadline:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    found = ckpt.list_checkpoints(workspace / "killed")
+    assert found and int(found[-1].name.split("-")[1]) < 30  # it really died mid-run
+    for folder in (workspace / "killed").glob("step-*"):
+        assert (folder / "trainer.pt").is_file() and (folder / "model" / "model.safetensors").is_file()
+    assert train_main(args(workspace, "killed", *common)) == 0
+    a = load_file(workspace / "straight" / "step-000030" / "model" / "model.safetensors")
+    b = load_file(workspace / "killed" / "step-000030" / "model" / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert len(ckpt.list_checkpoints(workspace / "killed")) == 2  # keep=2
+
+
+def test_non_finite_steps_are_skipped_and_counted(workspace):
+    assert (
+        train_main(args(workspace, "nan", "--steps", "4", "--checkpoint.every", "1", "--debug_nan_steps", "[2]")) == 0
+    )
+    assert metrics(workspace, "nan")[-1]["bad_steps"] == 1
+
+    def weights(step):
+        return load_file(workspace / "nan" / f"step-{step:06d}" / "model" / "model.safetensors")
+
+    # The third step (index 2) had a NaN loss: it was not applied; the next one was.
+    w2, w3, w4 = weights(2), weights(3), weights(4)
+    assert all(torch.equal(w2[k], w3[k]) for k in w2)
+    assert any(not torch.equal(w3[k], w4[k]) for k in w3)
+    with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite loss"):
+        train_main(
+            args(workspace, "nan2", "--steps", "6", "--optim.max_bad_steps", "2", "--debug_nan_steps", "[0,1,2,3]")
+        )
+
+
+def test_config_overrides_and_errors():
+    cfg = resolve(None, ["--optim.lr", "2e-4", "--steps=7", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
+    assert cfg.optim.lr == 2e-4 and cfg.steps == 7 and cfg.data.sources[0].kind == "qa"
+    with pytest.raises(ValueError, match="unknown fields \\['lrr'\\]"):
+        resolve(None, ["--optim.lrr", "1", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
+    with pytest.raises(ValueError, match="expected float"):
+        resolve(None, ["--optim.lr", "fast", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
+    with pytest.raises(ValueError, match="has no sources"):
+        resolve(None, [])
+    assert apply_overrides({}, ["--a.b", "3"]) == {"a": {"b": 3}}
+    assert isinstance(TrainConfig().to_dict()["optim"]["betas"], tuple)

@@ -1,0 +1,363 @@
+"""``vlm-train`` / ``python -m training.train``: one command from a laptop CPU to many GPUs.
+
+    vlm-train --preset tiny-shapes --steps 200
+    torchrun --nproc_per_node 2 -m training.train --preset tiny-shapes --parallel.strategy fsdp
+    vlm-train --preset default-mix --optim.lr 2e-4 --checkpoint.dir runs/mine   # resumes by itself
+
+Any field of :class:`training.config.TrainConfig` can be set with ``--section.field value``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+import vlm
+from vlm.factory import load_trainable
+
+from . import checkpoint as ckpt
+from .config import TrainConfig, resolve
+from .data.decode import SkipCounter
+from .data.loader import is_report_only, make_loader
+from .distributed import Dist, all_reduce_mean, apply_activation_checkpointing, no_gradient_sync, setup, teardown, wrap
+
+NO_DECAY = ("_gate", "latents", "media_time", "new_rows", "norm", "bias")
+
+
+def build_model(cfg: TrainConfig):
+    path = Path(cfg.model.preset)
+    if (path / "config.json").is_file():
+        model, processor = vlm.from_pretrained(path, verbose=False)
+    else:
+        model, processor = vlm.create_model_and_transforms(cfg.model.preset, verbose=False)
+    if cfg.model.init_from:
+        model_init, _ = vlm.from_pretrained(cfg.model.init_from, verbose=False)
+        load_trainable(model, model_init.trainable_state_dict(), source=cfg.model.init_from)
+    if cfg.precision == "bf16-frozen":
+        cast_frozen(model, torch.bfloat16)
+    return model, processor
+
+
+def cast_frozen(model, dtype: torch.dtype) -> None:
+    """Store the frozen backbones in ``dtype``; the trainable adapter stays fp32."""
+    model.vision.to(dtype)  # buffers too: batch norm needs its statistics in the same dtype
+    for p in model.lm.parameters():
+        if not p.requires_grad:
+            p.data = p.data.to(dtype)
+
+
+def param_groups(model, optim) -> list[dict]:
+    """AdamW groups: decay for weight matrices only; the gates at a higher learning rate."""
+    groups = {"decay": [], "no_decay": [], "gates": []}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if name.endswith("_gate"):
+            groups["gates"].append(p)
+        elif any(k in name for k in NO_DECAY) or p.ndim < 2:
+            groups["no_decay"].append(p)
+        else:
+            groups["decay"].append(p)
+    return [
+        {"params": groups["decay"], "weight_decay": optim.weight_decay, "lr": optim.lr, "name": "decay"},
+        {"params": groups["no_decay"], "weight_decay": 0.0, "lr": optim.lr, "name": "no_decay"},
+        {"params": groups["gates"], "weight_decay": 0.0, "lr": optim.lr * optim.gate_lr_mult, "name": "gates"},
+    ]
+
+
+def lr_lambda(optim, steps: int):
+    def f(step: int) -> float:
+        if step < optim.warmup_steps:
+            return (step + 1) / optim.warmup_steps
+        progress = (step - optim.warmup_steps) / max(1, steps - optim.warmup_steps)
+        return optim.min_lr_ratio + (1 - optim.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+    return f
+
+
+class Batches:
+    """Endless batches of one rank with a resumable position ``(epoch, batch_in_epoch)``."""
+
+    def __init__(self, cfg, processor, d: Dist, epoch: int = 0, position: int = 0):
+        self.loader = make_loader(cfg, processor, d.rank, d.world_size)
+        self.epoch, self.position = epoch, position
+        self.skipped = SkipCounter()
+        self._iter = self._start(skip=position)
+
+    def _start(self, skip: int):
+        self.loader.dataset.set_epoch(self.epoch)
+        it = iter(self.loader)
+        for _ in range(skip):
+            self._next_data(it)
+        return it
+
+    def _next_data(self, it) -> dict:
+        while True:
+            batch = next(it)
+            self.skipped.update(batch["skipped"])
+            if not is_report_only(batch):
+                return batch
+
+    def __next__(self) -> dict:
+        for _ in range(2):
+            try:
+                batch = self._next_data(self._iter)
+                self.position += 1
+                return batch
+            except StopIteration:
+                self.epoch, self.position = self.epoch + 1, 0
+                self._iter = self._start(skip=0)
+        raise RuntimeError("the training data yields no batches (too few samples for one batch?)")
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def forward_loss(model, batch: dict, autocast) -> torch.Tensor:
+    with autocast:
+        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"], return_logits=False)
+    return out.loss
+
+
+@torch.no_grad()
+def evaluate(model, core, cfg: TrainConfig, processor, d: Dist, autocast) -> dict:
+    """Loss and exact match (the greedy answer equals the reference: every labelled
+    position's argmax equals its label) on the held-out shards."""
+    eval_cfg = cfg.eval.data
+    loader = make_loader(eval_cfg, processor, d.rank, d.world_size)
+    model.eval()
+    totals = torch.zeros(4, device=d.device)  # loss sum, batches, correct, samples
+    for i, batch in enumerate(loader):
+        if i >= cfg.eval.max_batches:
+            break
+        if is_report_only(batch):
+            continue
+        batch = to_device(batch, d.device)
+        with autocast:
+            out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+        targets = batch["labels"][:, 1:]
+        hit = (out.logits[:, :-1].argmax(-1) == targets) | (targets == -100)
+        totals += torch.tensor([out.loss.item(), 1, hit.all(1).sum().item(), targets.shape[0]], device=d.device)
+    core.train()
+    if d.enabled:
+        torch.distributed.all_reduce(totals)
+    loss_sum, batches, correct, samples = totals.tolist()
+    return {"eval_loss": loss_sum / max(batches, 1), "eval_exact_match": correct / max(samples, 1)}
+
+
+class Logger:
+    def __init__(self, cfg: TrainConfig, d: Dist):
+        self.enabled = d.is_main
+        self.tb = None
+        if not self.enabled:
+            return
+        root = Path(cfg.checkpoint.dir)
+        root.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(root / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        if cfg.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(str(root / "tensorboard"))
+
+    def log(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.jsonl.flush()
+        if self.tb is not None:
+            for k, v in metrics.items():
+                if isinstance(v, int | float):
+                    self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.jsonl.close()
+            if self.tb is not None:
+                self.tb.close()
+
+
+def gather_trainable(model, core, strategy: str) -> dict[str, torch.Tensor]:
+    names = set(core.trainable_state_dict())
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        return {k: v for k, v in full.items() if k in names}
+    return {k: v.detach().float().cpu().clone() for k, v in core.trainable_state_dict().items()}
+
+
+def optimizer_state(model, optimizer, strategy: str) -> dict:
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+        return get_optimizer_state_dict(
+            model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+        )
+    return optimizer.state_dict()
+
+
+def load_state(model, core, optimizer, state: dict, trainable: dict, strategy: str) -> None:
+    if strategy == "fsdp":
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            set_model_state_dict,
+            set_optimizer_state_dict,
+        )
+
+        opts = StateDictOptions(full_state_dict=True, strict=False)
+        set_model_state_dict(model, trainable, options=opts)
+        set_optimizer_state_dict(model, optimizer, state["optimizer"], options=opts)
+    else:
+        load_trainable(core, trainable, source="checkpoint")
+        optimizer.load_state_dict(state["optimizer"])
+
+
+def train(cfg: TrainConfig) -> dict:
+    d = setup(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model, processor = build_model(cfg)
+    core = model.to(d.device)
+    if cfg.parallel.activation_checkpointing:
+        apply_activation_checkpointing(core)
+    strategy = cfg.parallel.strategy if cfg.parallel.strategy != "auto" else ("ddp" if d.world_size > 1 else "none")
+    if strategy != "none" and not d.enabled:
+        raise ValueError(f"parallel.strategy {strategy!r} needs a process group: launch with torchrun")
+    core.train()
+    model = wrap(core, strategy, d, cfg.precision)
+    optimizer = torch.optim.AdamW(param_groups(core, cfg.optim), betas=cfg.optim.betas, fused=False)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg.optim, cfg.steps))
+    bf16 = cfg.precision.startswith("bf16")
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 and strategy != "fsdp" else nullcontext()
+
+    step, epoch, position, bad_total = 0, 0, 0, 0
+    resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+    if resume is not None:
+        from safetensors.torch import load_file
+
+        state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
+        trainable = load_file(resume / "model" / "model.safetensors")
+        load_state(model, core, optimizer, state, trainable, strategy)
+        scheduler.load_state_dict(state["scheduler"])
+        ckpt.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
+        step, epoch, position, bad_total = state["step"], state["epoch"], state["position"], state["bad_steps"]
+        if d.is_main:
+            print(f"resumed from {resume} at step {step}", flush=True)
+    if d.is_main:
+        print(json.dumps(cfg.to_dict(), indent=2), flush=True)
+    batches = Batches(cfg.data, processor, d, epoch, position)
+    logger = Logger(cfg, d)
+    per_step = cfg.data.batch_size * cfg.grad_accum * d.world_size
+    bar = tqdm(total=cfg.steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
+    consecutive_bad, loss_window, start, start_step = 0, [], time.perf_counter(), step
+    last = {}
+    while step < cfg.steps:
+        total = torch.zeros((), device=d.device)
+        for micro in range(cfg.grad_accum):
+            batch = to_device(next(batches), d.device)
+            with no_gradient_sync(model, strategy, micro < cfg.grad_accum - 1):
+                loss = forward_loss(model, batch, autocast) / cfg.grad_accum
+                if step in cfg.debug_nan_steps:
+                    loss = loss * float("nan")
+                loss.backward()
+            total += loss.detach()
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for p in core.parameters() if p.requires_grad], cfg.optim.grad_clip
+        )
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+        flag = torch.tensor(float(not (torch.isfinite(total) and torch.isfinite(grad_norm))), device=d.device)
+        if d.enabled:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        if flag.item() > 0:
+            optimizer.zero_grad(set_to_none=True)
+            bad_total, consecutive_bad = bad_total + 1, consecutive_bad + 1
+            if d.is_main:
+                tqdm.write(f"step {step}: non-finite loss or gradient; step skipped ({bad_total} so far)")
+            if consecutive_bad > cfg.optim.max_bad_steps:
+                raise RuntimeError(
+                    f"{consecutive_bad} consecutive steps had a non-finite loss or gradient; stopping. "
+                    "Lower the learning rate, check the data, or try fp32."
+                )
+        else:
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            consecutive_bad = 0
+            loss_window.append(all_reduce_mean(total, d).item())
+        scheduler.step()
+        step += 1
+        bar.update(1)
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            rate = (step - start_step) * per_step / (time.perf_counter() - start)
+            last = {
+                "loss": sum(loss_window) / max(len(loss_window), 1),
+                "lr": scheduler.get_last_lr()[0],
+                "samples_per_s": rate,
+                "bad_steps": bad_total,
+                "skipped_samples": sum(batches.skipped.values()),
+                "epoch": batches.epoch,
+            }
+            loss_window = []
+            bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", sps=f"{rate:.1f}")
+            logger.log(step, last)
+        if cfg.eval.data is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
+            metrics = evaluate(model, core, cfg, processor, d, autocast)
+            logger.log(step, metrics)
+            last.update(metrics)
+            if d.is_main:
+                tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+            trainable = gather_trainable(model, core, strategy)
+            opt_state = optimizer_state(model, optimizer, strategy)
+            rngs = [ckpt.rng_state()]
+            if d.enabled:
+                gathered = [None] * d.world_size
+                torch.distributed.all_gather_object(gathered, rngs[0])
+                rngs = gathered
+            if d.is_main:
+                state = {
+                    "optimizer": opt_state,
+                    "scheduler": scheduler.state_dict(),
+                    "rng": rngs,
+                    "step": step,
+                    "epoch": batches.epoch,
+                    "position": batches.position,
+                    "bad_steps": bad_total,
+                }
+                ckpt.save(cfg.checkpoint.dir, step, core, trainable, state, cfg.to_dict(), cfg.checkpoint.keep)
+            if d.enabled:
+                torch.distributed.barrier()
+    bar.close()
+    if d.is_main:
+        print(f"data: {batches.skipped.summary()}")
+        print(f"done: {step} steps, {bad_total} skipped as non-finite; weights in {cfg.checkpoint.dir}")
+    logger.close()
+    teardown()
+    return last
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlm-train", description=__doc__.split("\n")[0], allow_abbrev=False)
+    parser.add_argument("--preset", help="a training preset name (training/presets/*.json) or a JSON file")
+    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
+    args, overrides = parser.parse_known_args(argv)
+    try:
+        cfg = resolve(args.preset, overrides)
+    except (ValueError, FileNotFoundError) as e:
+        parser.exit(2, f"vlm-train: error: {e}\n")
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    train(cfg)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
