@@ -18,6 +18,16 @@ if [ ! -f "$cache/npm/node_modules/emoji-datasource-twitter/emoji.json" ]; then
   fi
 fi
 
+# Headless Chromium renders pages for vlm-sketch2html --render and the browser tests.
+if ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "setup: installing Debian's chromium" >&2
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup: chromium is missing (apt-get install chromium); page rendering will be unavailable" >&2
+  fi
+fi
+
 stamp="$venv/.vlm-setup-stamp"
 want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then

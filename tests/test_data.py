@@ -153,11 +153,17 @@ def test_resampled_mixture_follows_weights_and_epoch_length(make_model, tmp_path
     _write(tmp_path / "a", "a", [caption_sample(f"a{i}", _png(), "from a") for i in range(8)])
     _write(tmp_path / "b", "b", [caption_sample(f"b{i}", _png(), "from b") for i in range(8)])
     sources = [SourceConfig(str(tmp_path / "a"), "caption", 3.0), SourceConfig(str(tmp_path / "b"), "caption", 1.0)]
-    cfg = LoaderConfig(sources, batch_size=10, resampled=True, epoch_batches=40, shuffle_buffer=4)
+    cfg = LoaderConfig(sources, batch_size=10, resampled=True, epoch_batches=40, shuffle_buffer=4, mix="sample")
     keys, _, batches = _collect(cfg, processor, workers=2)
     assert len(batches) == 40
     share_a = sum(k.startswith("a") for k in keys) / len(keys)
     assert 0.68 < share_a < 0.82, share_a
+    # Per-batch mixing: every batch from one source, sources still drawn by weight.
+    cfg = LoaderConfig(sources, batch_size=4, resampled=True, epoch_batches=200, shuffle_buffer=4, mix="batch")
+    _, _, batches = _collect(cfg, processor, workers=0)
+    assert all(len({k[0] for k in b["keys"]}) == 1 for b in batches)
+    share_a = sum(b["keys"][0].startswith("a") for b in batches) / len(batches)
+    assert 0.65 < share_a < 0.85, share_a
 
 
 def test_shuffling_changes_order_but_not_content(make_model, tmp_path):

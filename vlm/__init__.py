@@ -7,7 +7,7 @@ cross-attention and its masks), ``lm.py`` (wrapping a Hugging Face decoder),
 """
 
 from .config import CrossAttnConfig, LMConfig, ResamplerConfig, VisionConfig, VLMConfig, get_preset, list_presets
-from .factory import create_model_and_transforms, from_pretrained, save_pretrained
+from .factory import create_model_and_transforms, from_pretrained, load_model, save_pretrained
 from .model import VLM, VLMOutput
 from .processor import Processor, Segment
 
@@ -23,6 +23,7 @@ __all__ = [
     "Segment",
     "create_model_and_transforms",
     "from_pretrained",
+    "load_model",
     "save_pretrained",
     "get_preset",
     "list_presets",

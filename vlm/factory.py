@@ -120,12 +120,15 @@ def create_model_and_transforms(
 # ---------------------------------------------------------------------- checkpoints
 
 
-def save_pretrained(model: VLM, path: str | os.PathLike) -> Path:
+def save_pretrained(model: VLM, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
     """Write the trainable weights and the config to ``path``, atomically: a reader sees
-    the old folder or the complete new one, never a half-written one."""
+    the old folder or the complete new one, never a half-written one. ``dtype`` (e.g.
+    ``torch.bfloat16``) stores the weights smaller; loading casts them back."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to("cpu").contiguous() for k, v in model.trainable_state_dict().items()}
+    state = {
+        k: v.detach().to("cpu", dtype=dtype or v.dtype).contiguous() for k, v in model.trainable_state_dict().items()
+    }
     meta = {
         "format": FORMAT,
         "config": model.config.to_dict(),
@@ -183,6 +186,21 @@ def load_trainable(model: VLM, state: dict[str, torch.Tensor], source: str = "ch
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(state[name])
+
+
+DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default"
+
+
+def load_model(path: str | os.PathLike | None = None, verbose: bool = True) -> tuple[VLM, Processor]:
+    """What the applications load: a checkpoint folder, or by default the bundled model
+    (``vlm/weights/default``); without one, the default preset with an untrained adapter."""
+    if path is not None:
+        return from_pretrained(path, verbose=verbose)
+    if (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
+        return from_pretrained(DEFAULT_CHECKPOINT, verbose=verbose)
+    if verbose:
+        print("vlm: no bundled checkpoint found; using the default preset with an untrained adapter", flush=True)
+    return create_model_and_transforms(verbose=verbose)
 
 
 def from_pretrained(path: str | os.PathLike, verbose: bool = True) -> tuple[VLM, Processor]:

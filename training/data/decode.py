@@ -7,18 +7,16 @@ odd mode that cannot be converted; a missing member; bad JSON; empty text) raise
 
 from __future__ import annotations
 
-import io
 import json
 from collections import Counter
 from dataclasses import dataclass
 
-import numpy as np
 from PIL import Image
 
+from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from vlm.processor import CAPTION_PROMPT, SKETCH_PROMPT, Processor, Segment
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
-DEFAULT_MAX_PIXELS = 4096 * 4096
 
 
 class SkipSample(Exception):
@@ -38,41 +36,13 @@ class Example:
     items: list[dict] | None = None
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB; transparency goes onto white, 16-bit is scaled down."""
-    if image.mode == "RGB":
-        return image
-    if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-        arr = np.asarray(image, dtype=np.float64)
-        top = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)
-        return Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8)).convert("RGB")
-    if image.mode == "F":
-        arr = np.asarray(image, dtype=np.float64)
-        span = float(arr.max() - arr.min()) or 1.0
-        return Image.fromarray(((arr - arr.min()) / span * 255).astype(np.uint8)).convert("RGB")
-    if image.mode in ("P", "PA", "LA", "RGBA", "La", "RGBa") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        canvas = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(canvas, rgba).convert("RGB")
-    return image.convert("RGB")
-
-
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    if not data:
-        raise SkipSample("empty image")
     try:
-        image = Image.open(io.BytesIO(data))
-        width, height = image.size  # read from the header, before any pixel is decoded
-        if width * height > max_pixels:
-            raise SkipSample("image too large")
-        image.load()
-        return to_rgb(image)
-    except SkipSample:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise SkipSample("image too large") from None
-    except Exception:  # PIL raises OSError, SyntaxError, ValueError… for broken files
-        raise SkipSample("corrupt image") from None
+        return load_image(data, max_pixels)
+    except ImageError as e:
+        if e.reason == "empty image":
+            raise SkipSample("empty image") from None
+        raise SkipSample("image too large" if "too large" in e.reason else "corrupt image") from None
 
 
 def _image_member(sample: dict) -> bytes:

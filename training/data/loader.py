@@ -54,6 +54,9 @@ class LoaderConfig:
     """Draw shards with replacement, endlessly; an epoch is then ``epoch_batches`` long."""
     epoch_batches: int | None = None
     """Batches per rank in an epoch (required when resampled; optional cap otherwise)."""
+    mix: str = "batch"
+    """``batch``: each batch comes from one source, drawn by weight (no padding of short
+    question-answer samples up to long HTML pages); ``sample``: sources mix within a batch."""
     max_pixels: int = DEFAULT_MAX_PIXELS
     drop_last: bool = True
     """Drop the last, smaller batch of an epoch instead of yielding it."""
@@ -66,6 +69,8 @@ class LoaderConfig:
             s.validate()
         if self.batch_size < 1 or self.num_workers < 0:
             raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.mix not in ("batch", "sample"):
+            raise ValueError(f"mix must be 'batch' or 'sample', got {self.mix!r}")
         if self.resampled and not self.epoch_batches:
             raise ValueError("resampled mode needs epoch_batches")
 
@@ -167,13 +172,17 @@ class ShardStream(IterableDataset):
         if self.cfg.epoch_batches:
             limit = math.ceil(self.cfg.epoch_batches / workers)
         encoded, pixels, keys, batches = [], [], [], 0
+        current = None
         while streams and batches < limit:
-            j = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+            if current is None or self.cfg.mix == "sample":
+                current = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
+            j = current
             kind, stream = streams[j]
             try:
                 raw = next(stream)
             except StopIteration:
                 del streams[j], weights[j]
+                current = None
                 continue
             try:
                 example = decode_sample(raw, kind, self.cfg.max_pixels)
@@ -192,6 +201,7 @@ class ShardStream(IterableDataset):
             if len(encoded) == self.cfg.batch_size:
                 yield self._batch(encoded, pixels, keys, skipped)
                 encoded, pixels, keys, batches = [], [], [], batches + 1
+                current = None
         if encoded and not self.cfg.drop_last and batches < limit:
             yield self._batch(encoded, pixels, keys, skipped)
         elif skipped:

@@ -23,6 +23,7 @@ from functools import cache
 from PIL import Image, ImageDraw, ImageFont
 
 from training.data.shapes import check_split
+from vlm.html import STYLESHEET, document  # noqa: F401 (the page shell lives with the apps)
 
 SKETCH_SIZE = (512, 512)  # square, because the image towers resize to a square without cropping
 MAX_HTML_CHARS = 900  # about 300 BPE tokens: longer targets cost more than they teach
@@ -127,41 +128,6 @@ def _element(b: Block) -> str:
     cls = f' class="{b.css_class}"' if b.css_class else ""
     inner = "".join(_element(c) for c in b.children) if b.children else t
     return f"<{b.tag}{cls}>{inner}</{b.tag}>"
-
-
-STYLESHEET = (
-    "body{margin:0;font-family:system-ui,sans-serif;color:#222;background:#fff;line-height:1.4}"
-    "header{background:#2d3e50;color:#fff;padding:12px 24px}header h1{margin:0;font-size:1.6em}"
-    "nav{display:flex;gap:20px;padding:10px 24px;border-bottom:1px solid #ccd}nav a{color:#2456a6;text-decoration:underline}"
-    "main{padding:16px 24px;max-width:960px}main>*{margin:0 0 16px}"
-    "img{display:block;width:280px;height:160px;background:#d8dee6;border:1px solid #9aa5b1}"
-    "button{padding:8px 18px;border:1px solid #2456a6;border-radius:8px;background:#2f6fd6;color:#fff;font:inherit}"
-    "form{display:flex;flex-direction:column;align-items:flex-start;gap:10px;max-width:420px;padding:14px;"
-    "border:1px solid #ccd;border-radius:6px}"
-    "label{display:flex;gap:12px;width:100%;justify-content:space-between}input{flex:1;max-width:260px}"
-    ".row,.cols{display:flex;gap:16px}.cols>div{flex:1}.cols img{width:100%}"
-    ".card{flex:1;padding:12px;border:1px solid #ccd;border-radius:8px}.card h3{margin:0 0 6px}"
-    "footer{padding:12px 24px;background:#eef1f4;text-align:center;color:#555}"
-)
-
-
-def document(body_html: str, title: str = "Generated page") -> str:
-    """A complete HTML5 document around compact body HTML, styled by ``STYLESHEET``.
-
-    The CSP allows only the inline stylesheet and data: images, so rendering a generated
-    page can never run a script or fetch anything.
-    """
-    return (
-        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
-        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; '
-        "style-src 'unsafe-inline'; img-src data:\">\n"
-        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
-        f"<title>{html.escape(title)}</title>\n<style>{STYLESHEET}</style>\n</head>\n"
-        f"<body>{body_html}</body>\n</html>\n"
-    )
-
-
-# ---------------------------------------------------------------- grammar
 
 
 def generate_pages(split: str, count: int, seed: int = 0) -> Iterator[SketchPage]:

@@ -1,0 +1,1 @@
+"""Command-line applications built on the public vlm API: vlm-caption, vlm-sketch2html."""
