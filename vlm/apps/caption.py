@@ -15,6 +15,7 @@ import io
 import json
 import os
 import sys
+import tarfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -119,19 +120,35 @@ def collect_inputs(args: Sequence[str], lists: Sequence[str]) -> tuple[list[str]
     return unique, list(dict.fromkeys(os.path.normpath(p) for p in shards)), problems
 
 
-def _shard_items(shard: str) -> Iterator[tuple[str, Source]]:
-    import webdataset as wds
+def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
+    """(key, {extension: bytes}) per sample of a webdataset shard, read with the standard
+    library (vlm itself does not depend on webdataset): members sharing the name before
+    the first dot form one sample, and a sample's members are consecutive."""
+    key, members = None, {}
+    with tarfile.open(shard, "r:*") as tar:
+        for info in tar:
+            if not info.isfile():
+                continue
+            folder, _, base = info.name.rpartition("/")
+            stem, _, ext = base.partition(".")
+            name = f"{folder}/{stem}" if folder else stem
+            if name != key and key is not None:
+                yield key, members
+                members = {}
+            key = name
+            members[ext.lower()] = tar.extractfile(info).read()
+    if key is not None:
+        yield key, members
 
+
+def _shard_items(shard: str) -> Iterator[tuple[str, Source]]:
     try:
-        for sample in wds.WebDataset(shard, shardshuffle=False, empty_check=False):
-            members = [k for k in sample if not k.startswith("__")]
-            image = next((k for k in members if k.rsplit(".", 1)[-1].lower() in ("png", "jpg", "jpeg", "webp")), None)
-            key = f"{shard}#{sample['__key__']}"
-            yield key, sample[image] if image else Failure(f"no image in sample (members: {', '.join(members)})")
-    except Exception as e:  # a truncated or non-tar shard: one row for the shard, the samples before it stay done
-        # webdataset re-raises with (message, stream, url) as the arguments; the message is what helps.
-        detail = e.args[0] if e.args and isinstance(e.args[0], str) else str(e)
-        yield shard, Failure(f"unreadable shard ({type(e).__name__}: {detail})")
+        for key, members in _tar_samples(shard):
+            image = next((m for m in members if m.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp")), None)
+            row = f"{shard}#{key}"
+            yield row, members[image] if image else Failure(f"no image in sample (members: {', '.join(members)})")
+    except (tarfile.TarError, OSError, EOFError) as e:  # a truncated or non-tar shard: one row for the shard
+        yield shard, Failure(f"unreadable shard ({type(e).__name__}: {e})")
 
 
 def _decode(source: Source, max_pixels: int) -> tuple[Image.Image | None, str | None]:
