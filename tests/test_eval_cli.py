@@ -1,0 +1,78 @@
+"""vlm-eval end to end on a tiny model and tiny shards."""
+
+import json
+
+import pytest
+import torch
+from conftest import set_gates, shape_image
+
+import vlm
+from training.data import builders
+from training.data.cli import write
+from training.data.shards import ShardWriter, caption_sample, image_bytes, qa_sample
+from training.eval.cli import main as eval_main
+from vlm.tiny import make_tiny_lm, tiny_config
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("eval")
+    make_tiny_lm(root / "lm", "llama", chat=True)
+    torch.manual_seed(0)
+    model, _ = vlm.create_model_and_transforms(tiny_config(root / "lm"), verbose=False)
+    set_gates(model, 0.5)
+    vlm.save_pretrained(model, root / "ckpt")
+    with ShardWriter(root / "qa", "qa") as w:
+        for i, c in enumerate(["red", "blue", "green", "yellow", "purple"]):
+            w.write(qa_sample(f"q{i}", image_bytes(shape_image(c)), [("what colour is the shape?", c)]))
+    with ShardWriter(root / "caps", "caps") as w:
+        for i, c in enumerate(["red", "blue", "green"]):
+            w.write(caption_sample(f"c{i}", image_bytes(shape_image(c)), f"a {c} circle"))
+    write(builders.sketches("test", 3), str(root / "sketch"), "sketch", 100, 1 << 26)
+    return root
+
+
+def test_qa_zero_and_few_shot_write_json_and_markdown(setup, tmp_path):
+    out = tmp_path / "r.json"
+    args = ["--model", str(setup / "ckpt"), "--task", "easy-vqa", "--shards", str(setup / "qa"), "--shots", "0", "2"]
+    assert eval_main([*args, "--out", str(out), "--predictions", str(tmp_path / "p.jsonl")]) == 0
+    results = json.loads(out.read_text())["results"]["easy-vqa"]
+    assert set(results) == {"0-shot", "2-shot"}
+    assert results["0-shot"]["count"] == 5 and 0.0 <= results["0-shot"]["accuracy"] <= 1.0
+    rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
+    assert len(rows) == 10
+    accuracy = sum(r["correct"] for r in rows if r["shots"] == 0) / 5
+    assert accuracy == results["0-shot"]["accuracy"]  # the summary is the mean of the per-item results
+    assert "| easy-vqa | 2-shot | accuracy |" in out.with_suffix(".md").read_text()
+    # Repeatable: the same command gives the same numbers.
+    out2 = tmp_path / "r2.json"
+    assert eval_main([*args, "--out", str(out2)]) == 0
+    assert json.loads(out2.read_text())["results"]["easy-vqa"]["2-shot"]["accuracy"] == results["2-shot"]["accuracy"]
+
+
+def test_caption_and_sketch_tasks(setup, tmp_path):
+    out = tmp_path / "c.json"
+    assert (
+        eval_main(
+            ["--model", str(setup / "ckpt"), "--task", "emoji", "--shards", str(setup / "caps"), "--out", str(out)]
+        )
+        == 0
+    )
+    metrics = json.loads(out.read_text())["results"]["emoji"]["0-shot"]
+    assert {"BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr-D", "exact_match"} <= set(metrics)
+    out = tmp_path / "s.json"
+    assert (
+        eval_main(
+            ["--model", str(setup / "ckpt"), "--task", "sketch", "--shards", str(setup / "sketch"), "--out", str(out)]
+        )
+        == 0
+    )
+    metrics = json.loads(out.read_text())["results"]["sketch"]["0-shot"]
+    assert metrics["count"] == 3 and 0.0 <= metrics["valid"] <= 1.0 and "tree_similarity" in metrics
+
+
+def test_missing_shards_is_a_clear_error(setup, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        eval_main(["--model", str(setup / "ckpt"), "--task", "shapes", "--shards", str(tmp_path / "none")])
+    assert info.value.code == 2
+    assert "Build the shards" in capsys.readouterr().err
