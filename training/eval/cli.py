@@ -67,7 +67,7 @@ def load_items(spec: str, kind: str, limit: int | None) -> list[Item]:
 
 def prompts(processor, items: list[Item], pool: list[Item], shots: int, seed: int) -> Iterator[tuple]:
     """(segments, images) per item; k support examples drawn from ``pool`` minus the item."""
-    for i, item in enumerate(items):
+    for item in items:
         rng = random.Random(f"{seed}-{item.key}")
         support = [p for p in rng.sample(pool, min(len(pool), shots + 1)) if p.key != item.key][:shots]
         if shots:
