@@ -39,6 +39,17 @@ def shape_image(color, shape="circle", size=48, seed=None):
     return image
 
 
+def make_checkpoint(root, gates: float | None = None):
+    """A saved tiny Llama VLM (ChatML template) under ``root/ckpt``; ``gates`` opens the
+    cross-attention so outputs depend on the image."""
+    make_tiny_lm(root / "lm", "llama", chat=True)
+    torch.manual_seed(0)
+    model, _ = vlm.create_model_and_transforms(tiny_config(root / "lm"), verbose=False)
+    if gates is not None:
+        set_gates(model, gates)
+    return vlm.save_pretrained(model, root / "ckpt")
+
+
 def set_gates(model, value):
     with torch.no_grad():
         for layer in model.decoder_layers():

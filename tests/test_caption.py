@@ -13,13 +13,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 import webdataset as wds
+from conftest import make_checkpoint
 from PIL import Image
 
-import vlm
 from vlm.apps.caption import main
-from vlm.tiny import make_tiny_lm, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
 NOT_AN_IMAGE = "not a readable image"
@@ -27,17 +25,8 @@ NOT_AN_IMAGE = "not a readable image"
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory) -> Path:
-    tmp = tmp_path_factory.mktemp("caption_model")
-    make_tiny_lm(tmp / "lm", "llama", chat=True)
-    torch.manual_seed(0)
-    model, _ = vlm.create_model_and_transforms(tiny_config(tmp / "lm"), verbose=False)
     # Open gates make the captions depend on the image; at their initial zero every image reads the same.
-    with torch.no_grad():
-        for layer in model.decoder_layers():
-            if layer.xattn is not None:
-                layer.xattn.attn_gate.fill_(1.0)
-                layer.xattn.ff_gate.fill_(1.0)
-    return vlm.save_pretrained(model, tmp / "ckpt")
+    return make_checkpoint(tmp_path_factory.mktemp("caption_model"), gates=1.0)
 
 
 def noise(seed: int, size: int = 24) -> Image.Image:

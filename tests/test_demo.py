@@ -13,12 +13,9 @@ import zlib
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import make_checkpoint
 from PIL import Image
 from streamlit.testing.v1 import AppTest
-
-import vlm
-from vlm.tiny import make_tiny_lm, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 APP = str(ROOT / "demo" / "app.py")
@@ -26,12 +23,7 @@ APP = str(ROOT / "demo" / "app.py")
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    root = tmp_path_factory.mktemp("demo")
-    make_tiny_lm(root / "lm", "llama", chat=True)
-    torch.manual_seed(0)
-    model, _ = vlm.create_model_and_transforms(tiny_config(root / "lm"), verbose=False)
-    vlm.save_pretrained(model, root / "ckpt")
-    return root / "ckpt"
+    return make_checkpoint(tmp_path_factory.mktemp("demo"))
 
 
 @pytest.fixture

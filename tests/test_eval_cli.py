@@ -3,25 +3,18 @@
 import json
 
 import pytest
-import torch
-from conftest import set_gates, shape_image
+from conftest import make_checkpoint, shape_image
 
-import vlm
 from training.data import builders
 from training.data.cli import write
 from training.data.shards import ShardWriter, caption_sample, image_bytes, qa_sample
 from training.eval.cli import main as eval_main
-from vlm.tiny import make_tiny_lm, tiny_config
 
 
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval")
-    make_tiny_lm(root / "lm", "llama", chat=True)
-    torch.manual_seed(0)
-    model, _ = vlm.create_model_and_transforms(tiny_config(root / "lm"), verbose=False)
-    set_gates(model, 0.5)
-    vlm.save_pretrained(model, root / "ckpt")
+    make_checkpoint(root, gates=0.5)
     with ShardWriter(root / "qa", "qa") as w:
         for i, c in enumerate(["red", "blue", "green", "yellow", "purple"]):
             w.write(qa_sample(f"q{i}", image_bytes(shape_image(c)), [("what colour is the shape?", c)]))

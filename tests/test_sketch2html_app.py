@@ -4,14 +4,13 @@ from html.parser import HTMLParser
 from types import SimpleNamespace
 
 import pytest
-import torch
+from conftest import make_checkpoint
 from PIL import Image
 
 import vlm
 from training.data.sketch2html import generate_pages
 from vlm.apps import sketch2html
 from vlm.html import document
-from vlm.tiny import make_tiny_lm, tiny_config
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 CSP = '<meta http-equiv="Content-Security-Policy" content="default-src \'none\';'
@@ -57,11 +56,7 @@ def assert_valid_page(text):
 
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("sketch2html_model")
-    make_tiny_lm(tmp / "lm", "llama", chat=True)
-    torch.manual_seed(0)
-    model, _ = vlm.create_model_and_transforms(tiny_config(tmp / "lm"), verbose=False)
-    return vlm.save_pretrained(model, tmp / "ckpt")
+    return make_checkpoint(tmp_path_factory.mktemp("sketch2html_model"))
 
 
 @pytest.fixture(scope="module")
