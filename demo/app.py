@@ -94,20 +94,23 @@ def ask_tab(model, processor, cfg: GenerationConfig) -> None:
     st.image(image, width=256)
     if st.button("New conversation"):
         st.session_state.chat = chat = Chat(model, processor, [image])
-    for question, answer in chat.turns:
-        st.chat_message("user").write(question)
-        st.chat_message("assistant").write(answer)
+    history = st.container()  # above the input box, where new turns appear too
+    with history:
+        for question, answer in chat.turns:
+            st.chat_message("user").write(question)
+            st.chat_message("assistant").write(answer)
     question = st.chat_input("Ask about the image")
     if question is None:
         return
     if not question.strip():
         st.warning("The question is empty: type something to ask.")
         return
-    st.chat_message("user").write(question)
-    if cfg.num_beams > 1:
-        st.chat_message("assistant").write(chat.ask(question, cfg))
-    else:
-        st.chat_message("assistant").write_stream(chat.ask_stream(question, cfg))
+    with history:
+        st.chat_message("user").write(question)
+        if cfg.num_beams > 1:
+            st.chat_message("assistant").write(chat.ask(question, cfg))
+        else:
+            st.chat_message("assistant").write_stream(chat.ask_stream(question, cfg))
 
 
 def caption_tab(model, processor, cfg: GenerationConfig) -> None:
