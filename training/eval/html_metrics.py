@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import html
 import io
-import os
-import shutil
 from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
@@ -22,6 +20,7 @@ import numpy as np
 import zss
 from PIL import Image
 
+from vlm.apps.sketch2html import find_chromium  # one lookup for the CLI and the metrics
 from vlm.html import VOID, document, repair_html
 
 # The elements whose boxes the layout score compares; ``div`` only as a card, because the
@@ -30,7 +29,6 @@ LAYOUT_SELECTOR = "header, nav, a, h1, h2, h3, p, img, button, form, input, labe
 SCREENSHOT_COMPARE_SIZE = (256, 192)  # small enough to forgive sub-pixel text differences, large enough to see blocks
 CHROMIUM_FLAGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync")  # fmt: skip
-INSTALL_HINT = "install it (Debian/Ubuntu: apt-get install chromium) or set VLM_CHROMIUM to its path"
 _INVISIBLE = {"script", "style", "template", "title"}  # their text never shows on the page
 _CACHED_RENDERS = 32  # a reference is often scored against several predictions in a row
 
@@ -209,20 +207,6 @@ class Rendered:
 
     screenshot: Image.Image
     boxes: list[Box] = field(default_factory=list)
-
-
-def find_chromium() -> str:
-    """``$VLM_CHROMIUM`` if set, else ``chromium`` on PATH; a RuntimeError that says how to get it otherwise."""
-    explicit = os.environ.get("VLM_CHROMIUM")
-    if explicit:
-        found = shutil.which(explicit)
-        if found is None:
-            raise RuntimeError(f"VLM_CHROMIUM={explicit!r} is not an executable; {INSTALL_HINT}")
-        return found
-    found = shutil.which("chromium") or shutil.which("chromium-browser")
-    if found is None:
-        raise RuntimeError(f"Chromium not found, so pages cannot be rendered; {INSTALL_HINT}")
-    return found
 
 
 class Renderer:
