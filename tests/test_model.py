@@ -181,3 +181,26 @@ def test_overfits_eight_image_caption_pairs(make_model):
         optimizer.step()
     final = model(**batch).loss.item()
     assert final < first / 10, (first, final)
+
+
+def test_spatial_positions_make_the_resampler_see_where_tokens_are():
+    from vlm.resampler import PerceiverResampler, sincos_2d
+
+    codes = sincos_2d(49, 64)
+    assert codes.shape == (49, 64)
+    # Every grid cell gets its own code, and neighbours are closer than far cells.
+    assert torch.cdist(codes, codes).add(torch.eye(49) * 1e3).min() > 1e-3
+    assert (codes[0] - codes[1]).norm() < (codes[0] - codes[48]).norm()
+    with pytest.raises(ValueError, match="square grid"):
+        sincos_2d(50, 64)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 1, 49, 40)
+    perm = torch.randperm(49)
+    for spatial_pos in (False, True):
+        rs = PerceiverResampler(
+            40, 32, 64, num_latents=4, depth=1, heads=2, head_dim=8, ff_mult=2, max_images=2, spatial_pos=spatial_pos
+        )
+        same = torch.allclose(rs(x), rs(x[:, :, perm]), atol=1e-5)
+        # Without positions the perceiver cannot tell a shuffled image from the original.
+        assert same is (not spatial_pos)

@@ -136,6 +136,14 @@ def test_sigkill_and_resume_ends_with_the_same_weights(workspace):
         assert torch.equal(a[k], b[k]), k
     assert len(ckpt.list_checkpoints(workspace / "killed")) == 2  # keep=2
 
+    # Time slices: stop_at ends a run early with a checkpoint; the next call finishes the
+    # same schedule, bit for bit.
+    assert train_main(args(workspace, "sliced", *common, "--stop_at", "17")) == 0
+    assert ckpt.list_checkpoints(workspace / "sliced")[-1].name == "step-000017"
+    assert train_main(args(workspace, "sliced", *common)) == 0
+    c = load_file(workspace / "sliced" / "step-000030" / "model" / "model.safetensors")
+    assert all(torch.equal(a[k], c[k]) for k in a)
+
 
 def test_non_finite_steps_are_skipped_and_counted(workspace):
     assert (
@@ -157,6 +165,8 @@ def test_non_finite_steps_are_skipped_and_counted(workspace):
 
 
 def test_config_overrides_and_errors():
+    with pytest.raises(ValueError, match="stop_at must be between 1 and steps"):
+        resolve(None, ["--steps", "10", "--stop_at", "11", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
     cfg = resolve(None, ["--optim.lr", "2e-4", "--steps=7", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
     assert cfg.optim.lr == 2e-4 and cfg.steps == 7 and cfg.data.sources[0].kind == "qa"
     with pytest.raises(ValueError, match="unknown fields \\['lrr'\\]"):

@@ -73,7 +73,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     steps: int = 1000
-    """Optimiser steps."""
+    """Optimiser steps; the learning-rate schedule spans them."""
+    stop_at: int | None = None
+    """Stop (with a checkpoint) after this step although the schedule spans ``steps``:
+    for splitting a run into time slices, or a staged recipe."""
     grad_accum: int = 1
     """Micro-batches per step (each of ``data.batch_size`` per rank)."""
     precision: str = "fp32"
@@ -96,6 +99,8 @@ class TrainConfig:
             raise ValueError(f"parallel.strategy must be auto, none, ddp or fsdp, got {self.parallel.strategy!r}")
         if self.steps < 1 or self.grad_accum < 1:
             raise ValueError("steps and grad_accum must be >= 1")
+        if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
+            raise ValueError(f"stop_at must be between 1 and steps ({self.steps}), got {self.stop_at}")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
         return self

@@ -259,7 +259,8 @@ def train(cfg: TrainConfig) -> dict:
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
     consecutive_bad, loss_window, start, start_step = 0, [], time.perf_counter(), step
     last = {}
-    while step < cfg.steps:
+    end = cfg.stop_at or cfg.steps
+    while step < end:
         total = torch.zeros((), device=d.device)
         for micro in range(cfg.grad_accum):
             batch = to_device(next(batches), d.device)
@@ -294,7 +295,7 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.step()
         step += 1
         bar.update(1)
-        if step % cfg.log_every == 0 or step == cfg.steps:
+        if step % cfg.log_every == 0 or step == end:
             rate = (step - start_step) * per_step / (time.perf_counter() - start)
             last = {
                 "loss": sum(loss_window) / max(len(loss_window), 1),
@@ -307,13 +308,13 @@ def train(cfg: TrainConfig) -> dict:
             loss_window = []
             bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}", sps=f"{rate:.1f}")
             logger.log(step, last)
-        if cfg.eval.data is not None and (step % cfg.eval.every == 0 or step == cfg.steps):
+        if cfg.eval.data is not None and (step % cfg.eval.every == 0 or step == end):
             metrics = evaluate(model, core, cfg, processor, d, autocast)
             logger.log(step, metrics)
             last.update(metrics)
             if d.is_main:
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if step % cfg.checkpoint.every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint.every == 0 or step == end:
             trainable = gather_trainable(model, core, strategy)
             opt_state = optimizer_state(model, optimizer, strategy)
             rngs = [ckpt.rng_state()]

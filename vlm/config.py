@@ -69,6 +69,11 @@ class ResamplerConfig:
     ff_mult: int = 4
     max_images: int = 8
     """Number of media-time embeddings, i.e. the most images per sample."""
+    spatial_pos: bool = False
+    """Add fixed 2-D sine-cosine position codes to the image tokens, so the latents
+    know where each token sits. Conv towers (EfficientNet) carry little position on
+    their own; ViT tokens already do. Off by default so that older configs load
+    unchanged; the bundled presets turn it on."""
 
     def validate(self) -> None:
         for name in ("num_latents", "depth", "heads", "head_dim", "ff_mult", "max_images"):

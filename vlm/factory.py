@@ -105,6 +105,7 @@ def create_model_and_transforms(
         head_dim=rs.head_dim,
         ff_mult=rs.ff_mult,
         max_images=rs.max_images,
+        spatial_pos=rs.spatial_pos,
     )
     model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices)
     count = apply_freezing(model)

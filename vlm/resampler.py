@@ -8,6 +8,8 @@ does not grow with the vision tower.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -20,6 +22,24 @@ def feed_forward(dim: int, mult: int) -> nn.Sequential:
         nn.GELU(),
         nn.Linear(dim * mult, dim, bias=False),
     )
+
+
+def sincos_2d(n_tokens: int, dim: int) -> torch.Tensor:
+    """Fixed position codes ``(N, dim)`` for a square grid of ``N`` tokens in
+    row-major order: the first half of the channels encodes the row, the second
+    half the column, each as sines and cosines over geometric frequencies."""
+    side = math.isqrt(n_tokens)
+    if side * side != n_tokens:
+        raise ValueError(f"spatial_pos needs a square grid of image tokens, got {n_tokens} tokens")
+    if dim % 4:
+        raise ValueError(f"spatial_pos needs a resampler width divisible by 4, got {dim}")
+    quarter = dim // 4
+    freqs = 1.0 / (10000 ** (torch.arange(quarter, dtype=torch.float32) / quarter))
+    coords = torch.arange(side, dtype=torch.float32)[:, None] * freqs  # (side, quarter)
+    axis = torch.cat([coords.sin(), coords.cos()], dim=1)  # (side, dim/2)
+    rows = axis[:, None, :].expand(side, side, -1)
+    cols = axis[None, :, :].expand(side, side, -1)
+    return torch.cat([rows, cols], dim=-1).reshape(n_tokens, dim)
 
 
 class PerceiverAttention(nn.Module):
@@ -60,9 +80,11 @@ class PerceiverResampler(nn.Module):
         head_dim: int,
         ff_mult: int,
         max_images: int,
+        spatial_pos: bool = False,
     ):
         super().__init__()
         self.max_images = max_images
+        self.spatial_pos = spatial_pos
         self.proj_in = nn.Linear(vision_dim, dim)
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
         # Media-time embeddings: where an image sits among a sample's images.
@@ -78,6 +100,8 @@ class PerceiverResampler(nn.Module):
         if t > self.max_images:
             raise ValueError(f"{t} images per sample, but the resampler has {self.max_images} media-time embeddings")
         x = self.proj_in(x) + self.media_time[:t]  # (B, T, N, D)
+        if self.spatial_pos:
+            x = x + sincos_2d(x.shape[2], x.shape[3]).to(x.device, x.dtype)
         x = x.flatten(0, 1)  # (B*T, N, D)
         latents = self.latents.expand(x.shape[0], -1, -1)  # (B*T, L, D)
         for attn, ff in self.layers:
