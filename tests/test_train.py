@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,8 @@ def test_sigkill_and_resume_ends_with_the_same_weights(workspace):
     for k in a:
         assert torch.equal(a[k], b[k]), k
     assert len(ckpt.list_checkpoints(workspace / "killed")) == 2  # keep=2
+    # What the killed run logged after its last checkpoint was dropped on resume.
+    assert [m["step"] for m in metrics(workspace, "killed")] == list(range(1, 31))
 
     # Time slices: stop_at ends a run early with a checkpoint; the next call finishes the
     # same schedule, bit for bit.
@@ -158,10 +161,14 @@ def test_non_finite_steps_are_skipped_and_counted(workspace):
     w2, w3, w4 = weights(2), weights(3), weights(4)
     assert all(torch.equal(w2[k], w3[k]) for k in w2)
     assert any(not torch.equal(w3[k], w4[k]) for k in w3)
-    with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite loss"):
-        train_main(
-            args(workspace, "nan2", "--steps", "6", "--optim.max_bad_steps", "2", "--debug_nan_steps", "[0,1,2,3]")
-        )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with pytest.raises(RuntimeError, match="3 consecutive steps had a non-finite loss"):
+            train_main(
+                args(workspace, "nan2", "--steps", "6", "--optim.max_bad_steps", "2", "--debug_nan_steps", "[0,1,2,3]")
+            )
+    # Skipped steps still advance the schedule, without PyTorch's call-order warning.
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
 def test_config_overrides_and_errors():

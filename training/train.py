@@ -14,6 +14,7 @@ import json
 import math
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -155,18 +156,29 @@ def evaluate(model, core, cfg: TrainConfig, processor, d: Dist, autocast) -> dic
 
 
 class Logger:
-    def __init__(self, cfg: TrainConfig, d: Dist):
+    """``metrics.jsonl`` and TensorBoard. On resume from step ``start``, what a killed run
+    logged after its last checkpoint is dropped, so every step appears once."""
+
+    def __init__(self, cfg: TrainConfig, d: Dist, start: int = 0):
         self.enabled = d.is_main
         self.tb = None
         if not self.enabled:
             return
         root = Path(cfg.checkpoint.dir)
         root.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(root / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
+        path = root / "metrics.jsonl"
+        if path.is_file():
+            kept = [
+                line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if _logged_by(line, start)
+            ]
+            tmp = path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(kept), encoding="utf-8")
+            tmp.replace(path)
+        self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(str(root / "tensorboard"))
+            self.tb = SummaryWriter(str(root / "tensorboard"), purge_step=start + 1 if start else None)
 
     def log(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -183,6 +195,14 @@ class Logger:
             self.jsonl.close()
             if self.tb is not None:
                 self.tb.close()
+
+
+def _logged_by(line: str, start: int) -> bool:
+    """Whether a ``metrics.jsonl`` line belongs to steps up to ``start`` (a cut last line does not)."""
+    try:
+        return json.loads(line)["step"] <= start and line.endswith("\n")
+    except (ValueError, KeyError, TypeError):
+        return False
 
 
 def gather_trainable(model, core, strategy: str) -> dict[str, torch.Tensor]:
@@ -254,7 +274,7 @@ def train(cfg: TrainConfig) -> dict:
     if d.is_main:
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
     batches = Batches(cfg.data, processor, d, epoch, position)
-    logger = Logger(cfg, d)
+    logger = Logger(cfg, d, step)
     per_step = cfg.data.batch_size * cfg.grad_accum * d.world_size
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
     consecutive_bad, loss_window, start, start_step = 0, [], time.perf_counter(), step
@@ -292,7 +312,9 @@ def train(cfg: TrainConfig) -> dict:
             optimizer.zero_grad(set_to_none=True)
             consecutive_bad = 0
             loss_window.append(all_reduce_mean(total, d).item())
-        scheduler.step()
+        with warnings.catch_warnings():  # a skipped first step still advances the schedule
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step\\(\\)` before")
+            scheduler.step()
         step += 1
         bar.update(1)
         if step % cfg.log_every == 0 or step == end:
