@@ -31,8 +31,8 @@ def test_efficientnet_lite0_classifies_sample_photos(default_model):
             x = processor.image_transform(_photo(name))[None]
             assert classifier(x).argmax(-1).item() == label, name
             # The VLM's encoder holds the same weights: its tokens are the classifier's feature map.
-            tokens = model.vision(x[:, None])  # (1, 1, 49, 1280)
-            assert tokens.shape == (1, 1, 49, 1280)
+            tokens = model.vision(x[:, None])  # (1, 1, 10 * 10, 1280) at the preset's 320 px
+            assert tokens.shape == (1, 1, 100, 1280)
             torch.testing.assert_close(tokens[0, 0], classifier.forward_features(x)[0].flatten(1).T)
 
 
@@ -54,7 +54,7 @@ def test_default_vlm_forward_and_backward_on_a_batch_of_two(default_model):
         processor.chat_segments([("What is in the cup?", "Coffee.")]),
     ]
     batch = processor(segs, [[_photo("chelsea")], [_photo("coffee")]])
-    assert batch["images"].shape == (2, 1, 3, 224, 224)
+    assert batch["images"].shape == (2, 1, 3, 320, 320)
     model.train()
     out = model(**batch)
     out.loss.backward()
