@@ -3,7 +3,7 @@
 #   1. `default-mix`: the 224-px EfficientNet preset without spatial positions, steps
 #      0-1,500 of a 4,000-step schedule (`stop_at`);
 #   2. `default-mix-stage2`: the `default` preset (320 px, 2-D spatial positions),
-#      started from stage 1's adapter weights, 1,800 steps.
+#      started from stage 1's adapter weights, 1,500 steps.
 # Then export the adapter as bf16 into vlm/weights/default and evaluate it.
 # Extra arguments go to the stage-2 vlm-train (e.g. --steps 800).
 set -euo pipefail
