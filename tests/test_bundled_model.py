@@ -4,12 +4,15 @@ import pytest
 
 from training.data.decode import decode_sample
 from training.data.shards import iter_tar
-from training.eval.html_metrics import is_valid
+from training.eval.html_metrics import is_valid, tree_similarity
 from training.eval.text_metrics import exact_match
 from vlm.factory import DEFAULT_CHECKPOINT, load_model
 from vlm.generate import generate
+from vlm.processor import SKETCH_PROMPT
 
 pytestmark = pytest.mark.slow
+N_SKETCHES = 8
+OWN_MARGIN = 0.02  # measured: 0.258 own vs 0.216 other on these 8 (vlm-eval predictions)
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +35,7 @@ def _easy_vqa_test(n):
 
 def test_answers_the_first_easy_vqa_test_questions(bundled):
     model, processor = bundled
-    items = _easy_vqa_test(16)  # the first 16 of the test split, not hand-picked
+    items = _easy_vqa_test(16)  # the first 16 of the test split, not hand-picked; measured 14 correct
     batch = processor(
         [processor.chat_segments([(q, None)]) for _, q, _ in items], [[img] for img, _, _ in items], padding_side="left"
     )
@@ -42,17 +45,22 @@ def test_answers_the_first_easy_vqa_test_questions(bundled):
     assert correct >= 13, list(zip(out.texts, [a for _, _, a in items]))
 
 
-def test_a_test_sketch_becomes_valid_html(bundled, tmp_path):
+def test_test_sketches_become_valid_html_that_follows_the_sketch(bundled, tmp_path):
     from training.data import builders
     from training.data.cli import write
 
     model, processor = bundled
-    write(builders.sketches("test", 1), str(tmp_path), "s", 10, 1 << 26)
-    raw = next(iter_tar(next(tmp_path.glob("*.tar"))))
-    ex = decode_sample(raw, "sketch")
-    batch = processor([processor.chat_segments([("Write the HTML for this sketch.", None)])], [ex.images])
-    out = generate(model, batch["images"], batch["input_ids"], max_new_tokens=400, tokenizer=processor.tokenizer)
-    html = out.texts[0].strip()
-    # The interim checkpoint writes well-formed pages (30 of 30 test sketches) but does not
-    # yet follow the sketch's structure; a structure check comes with the fully trained one.
-    assert is_valid(html), html
+    write(builders.sketches("test", N_SKETCHES), str(tmp_path), "s", 100, 1 << 26)
+    examples = [decode_sample(raw, "sketch") for raw in iter_tar(next(tmp_path.glob("*.tar")))]
+    prompt = processor.chat_segments([(SKETCH_PROMPT, None)])
+    batch = processor([prompt] * len(examples), [ex.images for ex in examples], padding_side="left")
+    out = generate(model, batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=400,
+                   tokenizer=processor.tokenizer)  # fmt: skip
+    pages = [text.strip() for text in out.texts]
+    refs = [ex.text for ex in examples]
+    assert all(is_valid(page) for page in pages), pages
+    # The pages follow their own sketch: closer to it than to the other test sketches.
+    own = sum(tree_similarity(p, r) for p, r in zip(pages, refs)) / len(pages)
+    other = sum(tree_similarity(p, r) for i, p in enumerate(pages) for j, r in enumerate(refs) if i != j)
+    other /= len(pages) * (len(pages) - 1)
+    assert own > other + OWN_MARGIN, (own, other)
