@@ -171,6 +171,33 @@ def test_non_finite_steps_are_skipped_and_counted(workspace):
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
+def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
+    from training.train import fit_steps
+
+    assert fit_steps(20, elapsed=10.0, step_s=0.5, budget=110.0) == 20 + 180  # 0.9 * 100 s / 0.5
+    assert fit_steps(20, elapsed=200.0, step_s=0.5, budget=110.0) == 20  # over budget: stop now
+
+    # Whatever the machine's speed, the run ends at the step count it chose at step 20,
+    # with the cosine schedule completed there and the count kept in its checkpoint.
+    run = args(workspace, "budget", "--time_budget_s", "4", "--steps", "1000", "--checkpoint.every", "1000")
+    assert train_main(run) == 0
+    logged = metrics(workspace, "budget")
+    fitted = [m["fitted_steps"] for m in logged if "fitted_steps" in m]
+    assert len(fitted) == 1 and fitted[0] >= 20 and logged[-1]["step"] == fitted[0]
+    assert logged[-1]["lr"] == pytest.approx(3e-3 * 0.1)  # lr * min_lr_ratio: the schedule ended
+    # Throughput is still samples a second after the fit (a mix-up once logged ~1).
+    rates = [m["samples_per_s"] for m in logged if "samples_per_s" in m]
+    assert 0.2 < rates[-1] / rates[len(rates) // 2 - 1] < 5, rates
+    last = ckpt.list_checkpoints(workspace / "budget")[-1]
+    assert last.name == f"step-{fitted[0]:06d}"
+    assert torch.load(last / "trainer.pt", weights_only=False)["steps"] == fitted[0]
+    # Resumed with the same command, the finished run stays finished.
+    assert train_main(run) == 0
+    assert ckpt.list_checkpoints(workspace / "budget")[-1] == last
+    with pytest.raises(ValueError, match="stop_at and time_budget_s do not combine"):
+        resolve(None, ["--time_budget_s", "60", "--stop_at", "5", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
+
+
 def test_config_overrides_and_errors():
     with pytest.raises(ValueError, match="stop_at must be between 1 and steps"):
         resolve(None, ["--steps", "10", "--stop_at", "11", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])

@@ -77,6 +77,11 @@ class TrainConfig:
     stop_at: int | None = None
     """Stop (with a checkpoint) after this step although the schedule spans ``steps``:
     for splitting a run into time slices, or a staged recipe."""
+    time_budget_s: float | None = None
+    """Fit the run into this many seconds of wall time (model loading included): at step
+    ``max(optim.warmup_steps, 20)`` the trainer times the steps so far and resets
+    ``steps`` (and the schedule) to what fits. The chosen count is printed, logged and
+    kept in checkpoints, so a resumed run keeps it."""
     grad_accum: int = 1
     """Micro-batches per step (each of ``data.batch_size`` per rank)."""
     precision: str = "fp32"
@@ -101,6 +106,10 @@ class TrainConfig:
             raise ValueError("steps and grad_accum must be >= 1")
         if self.stop_at is not None and not 1 <= self.stop_at <= self.steps:
             raise ValueError(f"stop_at must be between 1 and steps ({self.steps}), got {self.stop_at}")
+        if self.time_budget_s is not None and self.time_budget_s <= 0:
+            raise ValueError(f"time_budget_s must be > 0, got {self.time_budget_s}")
+        if self.time_budget_s is not None and self.stop_at is not None:
+            raise ValueError("stop_at and time_budget_s do not combine: the budget sets the steps")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
         return self

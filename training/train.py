@@ -241,7 +241,14 @@ def load_state(model, core, optimizer, state: dict, trainable: dict, strategy: s
         optimizer.load_state_dict(state["optimizer"])
 
 
+def fit_steps(step: int, elapsed: float, step_s: float, budget: float, margin: float = 0.9) -> int:
+    """How many steps a run at ``step`` fits into ``budget`` seconds, ``elapsed`` of them spent,
+    at ``step_s`` seconds a step; ``margin`` of the rest is used (evaluations, checkpoints)."""
+    return step + max(0, int(margin * (budget - elapsed) / step_s))
+
+
 def train(cfg: TrainConfig) -> dict:
+    began = time.perf_counter()
     d = setup(cfg.device)
     torch.manual_seed(cfg.seed)
     model, processor = build_model(cfg)
@@ -269,8 +276,14 @@ def train(cfg: TrainConfig) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
         step, epoch, position, bad_total = state["step"], state["epoch"], state["position"], state["bad_steps"]
+        if state.get("steps_fitted"):  # a time-budgeted run keeps the step count it chose
+            cfg.steps = state["steps"]
+            scheduler.lr_lambdas = [lr_lambda(cfg.optim, cfg.steps) for _ in optimizer.param_groups]
         if d.is_main:
             print(f"resumed from {resume} at step {step}", flush=True)
+    fitted = resume is not None and bool(state.get("steps_fitted"))
+    fit_at = max(cfg.optim.warmup_steps, 20)
+    timed_from = None
     if d.is_main:
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
     batches = Batches(cfg.data, processor, d, epoch, position)
@@ -317,6 +330,21 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.step()
         step += 1
         bar.update(1)
+        if cfg.time_budget_s and not fitted and step == fit_at // 2:
+            timed_from = (step, time.perf_counter())
+        if cfg.time_budget_s and not fitted and step == fit_at and timed_from is not None:
+            now = time.perf_counter()
+            step_s = (now - timed_from[1]) / (step - timed_from[0])
+            cfg.steps = fit_steps(step, now - began, step_s, cfg.time_budget_s)
+            scheduler.lr_lambdas = [lr_lambda(cfg.optim, cfg.steps) for _ in optimizer.param_groups]
+            end, fitted, bar.total = cfg.steps, True, cfg.steps
+            bar.refresh()
+            if d.is_main:
+                tqdm.write(
+                    f"time budget {cfg.time_budget_s:.0f} s: {step_s:.3f} s a step after "
+                    f"{now - began:.0f} s, so the run spans {cfg.steps} steps"
+                )
+            logger.log(step, {"fitted_steps": cfg.steps, "fit_s_per_step": step_s})
         if step % cfg.log_every == 0 or step == end:
             rate = (step - start_step) * per_step / (time.perf_counter() - start)
             last = {
@@ -353,6 +381,8 @@ def train(cfg: TrainConfig) -> dict:
                     "epoch": batches.epoch,
                     "position": batches.position,
                     "bad_steps": bad_total,
+                    "steps": cfg.steps,
+                    "steps_fitted": fitted,
                 }
                 ckpt.save(cfg.checkpoint.dir, step, core, trainable, state, cfg.to_dict(), cfg.checkpoint.keep)
             if d.enabled:
