@@ -271,3 +271,17 @@ def test_sketches_are_drawn(pages):
         # The first block starts at the top margin and the generator keeps the last one on the canvas.
         left, top, right, bottom = gray.point(lambda v: 255 if v < 100 else 0).getbbox()
         assert top < 40 and bottom <= SKETCH_SIZE[1] - 8 and right <= SKETCH_SIZE[0] - 8, page.key
+
+
+def test_rendering_in_worker_processes_gives_the_same_samples_in_order():
+    from training.data import builders
+
+    for build in (
+        lambda **kw: builders.sketches("test", 6, **kw),
+        lambda **kw: builders.shapes("val", 5, kind="qa", **kw),
+        lambda **kw: builders.shapes("val", 5, seed=2, kind="caption", **kw),
+    ):
+        alone = list(build())
+        assert alone and alone == list(build(workers=2))
+    with pytest.raises(ValueError, match="split"):
+        next(builders.sketches("tset", 2, workers=2))

@@ -11,6 +11,7 @@ import io
 import json
 import os
 from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 from PIL import Image
@@ -173,26 +174,53 @@ def emoji(split: str, kind: str = "caption") -> Iterator[Built]:
             yield qa_sample(key, data, [(question, entry["category"].lower())], meta), None
 
 
-def shapes(split: str, count: int, seed: int = 0, kind: str = "qa") -> Iterator[Built]:
+def _in_order(make, count: int, workers: int) -> Iterator:
+    """``make(0), make(1), ...`` in order, computed in ``workers`` processes when above 1
+    (the synthetic items are seeded by index, so the output does not depend on it)."""
+    if workers <= 1:
+        yield from map(make, range(count))
+        return
+    import multiprocessing
+
+    with multiprocessing.Pool(workers) as pool:
+        yield from pool.imap(make, range(count), chunksize=16)
+
+
+def _scene_samples(split: str, seed: int, kind: str, index: int) -> list[dict]:
+    from .shapes import scene_at
+
+    scene = scene_at(split, index, seed)
+    data = image_bytes(scene.image)
+    key = scene.key.replace("-", "_")
+    if kind == "caption":
+        return [caption_sample(key, data, scene.caption)]
+    return [qa_sample(f"{key}_{j}", data, [(q, a)]) for j, (q, a) in enumerate(scene.qa)]
+
+
+def _page_sample(split: str, seed: int, index: int) -> dict:
+    from .sketch2html import page_at
+
+    page = page_at(split, index, seed)
+    return sketch_sample(page.key.replace("-", "_"), image_bytes(page.sketch), page.html)
+
+
+def shapes(split: str, count: int, seed: int = 0, kind: str = "qa", workers: int = 1) -> Iterator[Built]:
     """Synthetic shape scenes: one caption sample, or one sample per question."""
-    from .shapes import generate_scenes
+    from .shapes import check_split
 
-    for scene in generate_scenes(split, count, seed):
-        data = image_bytes(scene.image)
-        key = scene.key.replace("-", "_")
-        if kind == "caption":
-            yield caption_sample(key, data, scene.caption), None
-        else:
-            for j, (q, a) in enumerate(scene.qa):
-                yield qa_sample(f"{key}_{j}", data, [(q, a)]), None
+    check_split(split)
+    for samples in _in_order(partial(_scene_samples, split, seed, kind), count, workers):
+        for sample in samples:
+            yield sample, None
 
 
-def sketches(split: str, count: int, seed: int = 0) -> Iterator[Built]:
+def sketches(split: str, count: int, seed: int = 0, workers: int = 1) -> Iterator[Built]:
     """Synthetic sketch-to-HTML pairs."""
-    from .sketch2html import generate_pages
+    from .sketch2html import check_split
 
-    for page in generate_pages(split, count, seed):
-        yield sketch_sample(page.key.replace("-", "_"), image_bytes(page.sketch), page.html), None
+    check_split(split)
+    for sample in _in_order(partial(_page_sample, split, seed), count, workers):
+        yield sample, None
 
 
 def emoji_installed() -> bool:

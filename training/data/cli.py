@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     generated = argparse.ArgumentParser(add_help=False)
     generated.add_argument("--count", type=int, default=1000, help="scenes or pages to generate")
     generated.add_argument("--seed", type=int, default=0)
+    generated.add_argument("--workers", type=int, default=1, help="processes that render (same output)")
 
     p = sub.add_parser("folder", parents=[common], help="images with sidecar .txt captions")
     p.add_argument("path")
@@ -104,10 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         elif args.source == "emoji":
             samples, prefix = builders.emoji(args.split, args.kind), f"emoji-{args.kind}-{args.split}"
         elif args.source == "shapes":
-            samples = builders.shapes(args.split, args.count, args.seed, args.kind)
+            samples = builders.shapes(args.split, args.count, args.seed, args.kind, args.workers)
             prefix = f"shapes-{args.kind}-{args.split}"
         else:
-            samples, prefix = builders.sketches(args.split, args.count, args.seed), f"sketch-{args.split}"
+            samples, prefix = builders.sketches(args.split, args.count, args.seed, args.workers), f"sketch-{args.split}"
         write(samples, args.out, args.prefix or prefix, args.shard_size, args.max_shard_mb * 1024 * 1024)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"vlm-data: error: {e}\n")

@@ -97,10 +97,11 @@ def generate_scenes(split: str, count: int, seed: int = 0, image_size: int = 128
     The split is checked at the call, not at the first ``next()``, so a typo fails where it is made.
     """
     check_split(split)
-    return (_scene_at(split, index, seed, image_size) for index in range(count))
+    return (scene_at(split, index, seed, image_size) for index in range(count))
 
 
-def _scene_at(split: str, index: int, seed: int, image_size: int) -> ShapeScene:
+def scene_at(split: str, index: int, seed: int = 0, image_size: int = 128) -> ShapeScene:
+    """Scene ``index`` of ``split``: the same whichever other scenes are made, or in what order."""
     # A string seed goes through SHA-512, so it is stable across runs and PYTHONHASHSEED.
     rng = random.Random(f"shapes/{seed}/{split}/{index}")
     return _scene(rng, split, f"shapes-{split}-{index:06d}", image_size)

@@ -136,10 +136,11 @@ def generate_pages(split: str, count: int, seed: int = 0) -> Iterator[SketchPage
     Each page has its own RNG seeded by ``(seed, split, index)``, as in ``shapes``.
     """
     check_split(split)
-    return (_page_at(split, index, seed) for index in range(count))
+    return (page_at(split, index, seed) for index in range(count))
 
 
-def _page_at(split: str, index: int, seed: int) -> SketchPage:
+def page_at(split: str, index: int, seed: int = 0) -> SketchPage:
+    """Page ``index`` of ``split``: the same whichever other pages are made, or in what order."""
     rng = random.Random(f"sketch2html/{seed}/{split}/{index}")
     layout = _layout(rng)
     return SketchPage(f"sketch-{split}-{index:06d}", layout, render_html(layout), draw_sketch(layout, rng))
