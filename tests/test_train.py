@@ -198,6 +198,14 @@ def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
         resolve(None, ["--time_budget_s", "60", "--stop_at", "5", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
 
 
+def test_time_budget_under_ddp_gives_every_rank_the_same_step_count(workspace):
+    _torchrun(workspace, "ddp_budget", "--steps", "1000", "--time_budget_s", "8", "--checkpoint.every", "1000",
+              "--data.batch_size", "4", "--parallel.strategy", "ddp")  # fmt: skip
+    fitted = [m["fitted_steps"] for m in metrics(workspace, "ddp_budget") if "fitted_steps" in m]
+    assert len(fitted) == 1
+    assert ckpt.list_checkpoints(workspace / "ddp_budget")[-1].name == f"step-{fitted[0]:06d}"
+
+
 def test_config_overrides_and_errors():
     with pytest.raises(ValueError, match="stop_at must be between 1 and steps"):
         resolve(None, ["--steps", "10", "--stop_at", "11", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])

@@ -336,6 +336,10 @@ def train(cfg: TrainConfig) -> dict:
             now = time.perf_counter()
             step_s = (now - timed_from[1]) / (step - timed_from[0])
             cfg.steps = fit_steps(step, now - began, step_s, cfg.time_budget_s)
+            if d.enabled:  # ranks time themselves a little differently: all take the smallest count
+                count = torch.tensor(cfg.steps, device=d.device)
+                torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+                cfg.steps = int(count.item())
             scheduler.lr_lambdas = [lr_lambda(cfg.optim, cfg.steps) for _ in optimizer.param_groups]
             end, fitted, bar.total = cfg.steps, True, cfg.steps
             bar.refresh()
