@@ -23,14 +23,7 @@ else
   run="${VLM_RUN_DIR:-$HOME/.cache/vlm/runs/default-gpu}"
   .venv/bin/vlm-train --preset default-gpu --checkpoint.dir "$run" "$@"
 fi
-.venv/bin/python - "$run" <<'PY'
-import sys, torch, vlm
-from training import checkpoint as ckpt
-from vlm.factory import DEFAULT_CHECKPOINT
-last = ckpt.list_checkpoints(sys.argv[1])[-1]
-model, _ = vlm.from_pretrained(last / "model", verbose=False)
-vlm.save_pretrained(model, DEFAULT_CHECKPOINT, dtype=torch.bfloat16)
-print(f"exported {last} -> {DEFAULT_CHECKPOINT}")
-PY
+.venv/bin/python -c 'import sys; from training.checkpoint import export_latest; from vlm.factory import DEFAULT_CHECKPOINT
+print("exported", export_latest(sys.argv[1], DEFAULT_CHECKPOINT), "->", DEFAULT_CHECKPOINT)' "$run"
 .venv/bin/vlm-eval --task easy-vqa shapes emoji --limit 1000 --out eval_qa.json
 .venv/bin/vlm-eval --task sketch --limit 30 --render --out eval_sketch.json

@@ -191,6 +191,15 @@ def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
     last = ckpt.list_checkpoints(workspace / "budget")[-1]
     assert last.name == f"step-{fitted[0]:06d}"
     assert torch.load(last / "trainer.pt", weights_only=False)["steps"] == fitted[0]
+    # The apps' bf16 export of the newest checkpoint (what scripts/train_default.sh bundles).
+    assert ckpt.export_latest(workspace / "budget", workspace / "budget-bf16") == last
+    full, half = (
+        load_file(last / "model" / "model.safetensors"),
+        load_file(workspace / "budget-bf16" / "model.safetensors"),
+    )
+    assert half.keys() == full.keys() and all(torch.equal(half[k], full[k].bfloat16()) for k in full)
+    with pytest.raises(FileNotFoundError, match="no complete checkpoint"):
+        ckpt.export_latest(workspace / "nothing-here", workspace / "x")
     # Resumed with the same command, the finished run stays finished.
     assert train_main(run) == 0
     assert ckpt.list_checkpoints(workspace / "budget")[-1] == last

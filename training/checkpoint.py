@@ -32,6 +32,19 @@ def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
 
 
+def export_latest(root: str | os.PathLike, target: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
+    """Save the newest complete checkpoint's adapter in ``root`` to ``target`` in ``dtype``
+    (bf16 halves the bytes), in the format the applications load. Returns the checkpoint."""
+    from vlm.factory import from_pretrained
+
+    done = list_checkpoints(root)
+    if not done:
+        raise FileNotFoundError(f"no complete checkpoint in {root}")
+    model, _ = from_pretrained(done[-1] / "model", verbose=False)
+    save_pretrained(model, target, dtype=dtype)
+    return done[-1]
+
+
 def rng_state() -> dict:
     state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():

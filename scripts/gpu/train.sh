@@ -56,16 +56,8 @@ timeout -k 5 $(( limit - ($(date +%s) - t0) - 25 )) python3 -m training.train --
   --checkpoint.dir /tmp/run "${args[@]}" > "$out/train.log" 2>&1
 log "vlm-train exited with $?"
 tr '\r' '\n' < "$out/train.log" | grep -a "time budget\|^step\|^done\|Error" | tail -n 12
-python3 - /tmp/run /tmp/export <<'PY' || exit 10
-import sys, torch, vlm
-from training import checkpoint as ckpt
-done = ckpt.list_checkpoints(sys.argv[1])
-if not done:
-    sys.exit("train: no complete checkpoint")
-model, _ = vlm.from_pretrained(done[-1] / "model", verbose=False)
-vlm.save_pretrained(model, sys.argv[2], dtype=torch.bfloat16)
-print("exported", done[-1])
-PY
+python3 -c 'import sys; from training.checkpoint import export_latest
+print("exported", export_latest(sys.argv[1], sys.argv[2]))' /tmp/run /tmp/export || exit 10
 cp /tmp/export/config.json /tmp/run/metrics.jsonl "$out/"
 split -b 15000000 /tmp/export/model.safetensors "$out/model.safetensors.part-"
 sha256sum /tmp/export/model.safetensors
