@@ -5,6 +5,7 @@ import torch
 from conftest import set_gates, shape_image
 from transformers import AutoModelForCausalLM
 
+import vlm
 from vlm.tiny import FAMILIES
 
 TEXT = "hello there <image>a red circle<|endofchunk|> and <image>a blue square<|endofchunk|> done"
@@ -204,3 +205,38 @@ def test_spatial_positions_make_the_resampler_see_where_tokens_are():
         same = torch.allclose(rs(x), rs(x[:, :, perm]), atol=1e-5)
         # Without positions the perceiver cannot tell a shuffled image from the original.
         assert same is (not spatial_pos)
+
+
+def test_last_stage_channels_follow_the_head_and_a_widened_checkpoint_starts_unchanged(tiny_lm_dirs):
+    import dataclasses
+
+    from training.train import add_last_stage_inputs
+    from vlm.config import VisionConfig
+    from vlm.factory import load_trainable
+    from vlm.tiny import tiny_config
+
+    effnet = VisionConfig(kind="timm", name="tf_efficientnet_lite0", pretrained=None, image_size=64)
+    cfg = dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]), vision=effnet)
+    wide_cfg = dataclasses.replace(cfg, vision=dataclasses.replace(effnet, with_last_stage=True))
+    torch.manual_seed(0)
+    narrow, proc = vlm.create_model_and_transforms(cfg, verbose=False)
+    torch.manual_seed(1)
+    wide, _ = vlm.create_model_and_transforms(wide_cfg, verbose=False)
+    assert (narrow.vision.width, wide.vision.width) == (1280, 1280 + 320)
+
+    px = torch.stack(proc.transform_images([shape_image("red"), shape_image("teal", "square")]))[:, None]
+    with torch.no_grad():
+        head, both = narrow.vision(px), wide.vision(px)
+        stage = wide.vision.tower.forward_intermediates(px[:, 0], indices=1, intermediates_only=True)[0]
+    assert both.shape == (2, 1, 4, 1600)  # 64 px → a 2×2 grid
+    assert torch.equal(both[..., :1280], head)
+    assert torch.equal(both[..., 1280:], stage.flatten(2).transpose(1, 2)[:, None])
+
+    with pytest.raises(ValueError, match="does not match|shape"):
+        load_trainable(wide, narrow.trainable_state_dict())
+    load_trainable(wide, add_last_stage_inputs(narrow.trainable_state_dict(), wide.vision.width))
+    with torch.no_grad():
+        assert torch.equal(wide.encode_images(px), narrow.encode_images(px))
+
+    with pytest.raises(ValueError, match="with_last_stage needs a timm"):
+        dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]).vision, with_last_stage=True).validate()

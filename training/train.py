@@ -41,10 +41,21 @@ def build_model(cfg: TrainConfig):
         model, processor = vlm.create_model_and_transforms(cfg.model.preset, verbose=False)
     if cfg.model.init_from:
         model_init, _ = vlm.from_pretrained(cfg.model.init_from, verbose=False)
-        load_trainable(model, model_init.trainable_state_dict(), source=cfg.model.init_from)
+        state = model_init.trainable_state_dict()
+        if model.config.vision.with_last_stage and not model_init.config.vision.with_last_stage:
+            state = add_last_stage_inputs(state, model.resampler.proj_in.in_features)
+        load_trainable(model, state, source=cfg.model.init_from)
     if cfg.precision == "bf16-frozen":
         cast_frozen(model, torch.bfloat16)
     return model, processor
+
+
+def add_last_stage_inputs(state: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+    """Start a ``vision.with_last_stage`` model from a checkpoint without it: the
+    resampler's input projection gets zero weights for the new channels, so the model
+    computes exactly what the checkpoint did until training moves them."""
+    w = state["resampler.proj_in.weight"]
+    return {**state, "resampler.proj_in.weight": torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], dim=1)}
 
 
 def cast_frozen(model, dtype: torch.dtype) -> None:

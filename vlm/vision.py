@@ -22,12 +22,15 @@ ImageTransform = Callable[..., torch.Tensor]  # PIL.Image -> (C, H, W)
 class VisionEncoder(nn.Module):
     """Images ``(B, T, C, H, W)`` → spatial tokens ``(B, T, N, Dv)``."""
 
-    def __init__(self, tower: nn.Module, kind: str, width: int, num_prefix_tokens: int = 0):
+    def __init__(
+        self, tower: nn.Module, kind: str, width: int, num_prefix_tokens: int = 0, with_last_stage: bool = False
+    ):
         super().__init__()
         self.tower = tower
         self.kind = kind
         self.width = width
         self.num_prefix_tokens = num_prefix_tokens
+        self.with_last_stage = with_last_stage
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, t = images.shape[:2]
@@ -36,6 +39,9 @@ class VisionEncoder(nn.Module):
             # Patch tokens of the last block (class token dropped), not the pooled embedding.
             out = self.tower.forward_intermediates(x, indices=1, intermediates_only=True, output_fmt="NCHW")
             feats = out["image_intermediates"][-1]
+        elif self.with_last_stage:  # head output, then the last stage's channels (same grid)
+            head, (stage,) = self.tower.forward_intermediates(x, indices=1)
+            feats = torch.cat([head, stage], dim=1)
         else:
             feats = self.tower.forward_features(x)
         if feats.ndim == 4:  # conv map (BT, C, h, w) -> (BT, h*w, C)
@@ -70,10 +76,17 @@ def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]
     model.reset_classifier(0)
     data_cfg = timm.data.resolve_model_data_config(model)
     size = cfg.image_size or data_cfg["input_size"][-1]
+    width = model.num_features
+    if cfg.with_last_stage:
+        if not hasattr(model, "forward_intermediates") or getattr(model, "num_prefix_tokens", 0):
+            raise ValueError(
+                f"vision.with_last_stage needs a timm conv net with forward_intermediates, not {cfg.name!r}"
+            )
+        width += model.feature_info[-1]["num_chs"]
     return (
         model,
         whole_image_transform(size, data_cfg["mean"], data_cfg["std"]),
-        model.num_features,
+        width,
         getattr(model, "num_prefix_tokens", 0),
     )
 
@@ -140,4 +153,4 @@ def create_vision_encoder(cfg: VisionConfig) -> tuple[VisionEncoder, ImageTransf
         torch.manual_seed(0)
         tower, transform, width, prefix = build(cfg)
     tower.eval()
-    return VisionEncoder(tower, cfg.kind, width, prefix), transform
+    return VisionEncoder(tower, cfg.kind, width, prefix, cfg.with_last_stage), transform
