@@ -11,8 +11,8 @@ from vlm.generate import generate
 from vlm.processor import SKETCH_PROMPT
 
 pytestmark = pytest.mark.slow
-N_SKETCHES = 8
-OWN_MARGIN = 0.02  # measured: 0.230 own vs 0.188 other on these 8 (vlm-eval predictions)
+N_SKETCHES = 30
+OWN_MARGIN = 0.05  # measured by vlm-eval on these 30: 0.310 own vs 0.200 other
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def _easy_vqa_test(n):
 
 def test_answers_the_first_easy_vqa_test_questions(bundled):
     model, processor = bundled
-    items = _easy_vqa_test(16)  # the first 16 of the test split, not hand-picked; measured 14 correct
+    items = _easy_vqa_test(16)  # the first 16 of the test split, not hand-picked; the stage-1 model got 14
     batch = processor(
         [processor.chat_segments([(q, None)]) for _, q, _ in items], [[img] for img, _, _ in items], padding_side="left"
     )

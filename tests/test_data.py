@@ -175,6 +175,17 @@ def test_shuffling_changes_order_but_not_content(make_model, tmp_path):
     assert sorted(a) == sorted(b) and a != b
 
 
+def test_select_keeps_only_matching_samples_without_counting_the_rest(make_model, tmp_path):
+    _, processor = make_model("gpt2")
+    captions = ["a red circle", "a blue square", "a Teal star", "a grey cat", "reddish"]
+    _write(tmp_path, "caps", [caption_sample(f"k{i}", _png(), c) for i, c in enumerate(captions)], per_shard=2)
+    select = SourceConfig(str(tmp_path), "caption", select=r"\b(red|teal)\b")
+    keys, skipped, _ = _collect(LoaderConfig([select], batch_size=1, shuffle_buffer=0, drop_last=False), processor)
+    assert keys == ["k0", "k2"] and not skipped  # case-insensitive, whole words only here
+    with pytest.raises(ValueError, match="select is not a regular expression"):
+        SourceConfig(str(tmp_path), "caption", select="(red").validate()
+
+
 def test_folder_builder_reports_bad_inputs_and_writes_the_rest(tmp_path, capsys):
     src = tmp_path / "photos"
     (src / "sub").mkdir(parents=True)

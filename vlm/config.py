@@ -36,7 +36,7 @@ class VisionConfig:
     with_last_stage: bool = False
     """timm conv nets only: give each token the last stage's channels (before the 1×1
     head conv) after the head's. EfficientNet-Lite0's head loses colour: a linear probe
-    reads easy-VQA shape colours from its mean-pooled output at 97.0 %, from the last
+    reads easy-VQA shape colours from its mean-pooled output at 98.0 %, from the last
     stage's 320 channels at 99.7 %."""
 
     def validate(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 import random
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -35,12 +36,33 @@ class SourceConfig:
     """Sample format: caption, qa, interleaved or sketch."""
     weight: float = 1.0
     """Relative sampling weight in the mixture."""
+    select: str | None = None
+    """Keep only samples whose text members (``.json``, ``.txt``, ``.html``) match this
+    regular expression, case-insensitive: ``"colou?r|red|teal"`` picks easy-VQA's colour
+    questions. Samples left out are not counted as skipped."""
 
     def validate(self) -> None:
         if self.kind not in FORMATS:
             raise ValueError(f"source {self.shards}: kind must be one of {FORMATS}, got {self.kind!r}")
         if self.weight <= 0:
             raise ValueError(f"source {self.shards}: weight must be > 0, got {self.weight}")
+        if self.select is not None:
+            try:
+                re.compile(self.select)
+            except re.error as e:
+                raise ValueError(f"source {self.shards}: select is not a regular expression: {e}") from None
+
+
+def _selected(samples: Iterator[dict], pattern: str) -> Iterator[dict]:
+    regex = re.compile(pattern, re.IGNORECASE)
+    for sample in samples:
+        text = " ".join(
+            v.decode("utf-8", "replace")
+            for k, v in sample.items()
+            if k in ("json", "txt", "html") and isinstance(v, bytes)
+        )
+        if regex.search(text):
+            yield sample
 
 
 @dataclass
@@ -165,7 +187,10 @@ class ShardStream(IterableDataset):
         for i, source in enumerate(self.cfg.sources):
             urls = self._source_urls(i, worker, workers)
             if urls:
-                stream = self._shuffled(self._raw_samples(urls, rng, skipped), rng)
+                samples = self._raw_samples(urls, rng, skipped)
+                if source.select:
+                    samples = _selected(samples, source.select)
+                stream = self._shuffled(samples, rng)
                 streams.append((source.kind, stream))
                 weights.append(source.weight)
         limit = math.inf
