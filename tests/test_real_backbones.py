@@ -30,10 +30,13 @@ def test_efficientnet_lite0_classifies_sample_photos(default_model):
         for name, label in [("chelsea", 285), ("coffee", 967)]:
             x = processor.image_transform(_photo(name))[None]
             assert classifier(x).argmax(-1).item() == label, name
-            # The VLM's encoder holds the same weights: its tokens are the classifier's feature map.
-            tokens = model.vision(x[:, None])  # (1, 1, 10 * 10, 1280) at the preset's 320 px
-            assert tokens.shape == (1, 1, 100, 1280)
-            torch.testing.assert_close(tokens[0, 0], classifier.forward_features(x)[0].flatten(1).T)
+            # The VLM's encoder holds the same weights: its tokens are the classifier's feature
+            # map (1,280 head channels), then its last stage's 320 channels (vision.with_last_stage).
+            tokens = model.vision(x[:, None])  # (1, 1, 10 * 10, 1600) at the preset's 320 px
+            assert tokens.shape == (1, 1, 100, 1600)
+            torch.testing.assert_close(tokens[0, 0, :, :1280], classifier.forward_features(x)[0].flatten(1).T)
+            stage = classifier.forward_intermediates(x, indices=1, intermediates_only=True)[0]
+            torch.testing.assert_close(tokens[0, 0, :, 1280:], stage[0].flatten(1).T)
 
 
 def test_smollm2_loads_offline_and_knows_paris(default_model, monkeypatch):
