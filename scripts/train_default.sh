@@ -5,7 +5,7 @@
 #   stage 1: `default-gpu` (1,523 steps of 64 samples, the count a 439-s time budget
 #            chose on one H200; about 6 min of training there), head features only;
 #   stage 2: `default-colour` (1,646 steps of 16, the count a 5,400-s budget chose on
-#            this project's 2-core CPU; about 90 min there), which adds the vision
+#            this project's 2-core CPU; 79 min there), which adds the vision
 #            tower's last-stage channels (vision.with_last_stage) and starts them at zero.
 #   bash scripts/train_default.sh                 # the bundled model's recipe
 #   bash scripts/train_default.sh --cpu           # the older two-stage CPU recipe (about 3 h
