@@ -51,6 +51,16 @@ def test_cached_greedy_equals_full_recomputation(trained_model, family):
             assert logits.argmax(-1).item() == reference[0]
 
 
+def test_a_cache_the_lm_does_not_fill_is_an_error(trained_model):
+    # What transformers 5.17 did with our cache argument (it was named past_key_values
+    # there): it went to **kwargs unread, and cached generation was silently wrong.
+    model, processor = trained_model("llama")
+    model._cache_kwarg = "unread_cache"
+    batch = processor([PROMPTS[0]], [_images()[0]])
+    with pytest.raises(RuntimeError, match="did not fill the cache"):
+        generate(model, batch["images"], batch["input_ids"], config=NO_STOP)
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_batched_equals_one_by_one_with_left_padding(trained_model, family):
     model, processor = trained_model(family)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -48,6 +49,10 @@ class VLM(nn.Module):
         self.embed = TokenEmbedding(base_in, [image_token_id, end_of_chunk_token_id])
         self.head = OutputHead(base_out, self.embed, tied=base_out.weight is base_in.weight)
         self._decoder = [find_decoder(lm)[0]]  # a reference: it is already a submodule of lm
+        # transformers renamed the decoders' cache argument (past_key_values → cache in
+        # 5.2x); a wrong name lands in **kwargs unread and the cache silently stays empty.
+        params = inspect.signature(self.decoder.forward).parameters
+        self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
     @property
     def decoder(self) -> nn.Module:
@@ -98,11 +103,17 @@ class VLM(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor | None = None,
         media: MediaState | None = None,
+        cache=None,
         **decoder_kwargs,
     ):
-        """Run the decoder stack; returns the transformers output (``last_hidden_state`` (B, S, D))."""
+        """Run the decoder stack; returns the transformers output (``last_hidden_state`` (B, S, D)).
+
+        ``cache`` (a transformers ``Cache``) goes to the decoder under whichever name its
+        transformers version uses."""
         embeds = self.embed(input_ids)  # (B, S, D)
         kwargs = dict(decoder_kwargs)
+        if cache is not None:
+            kwargs[self._cache_kwarg] = cache
         if media is not None:
             kwargs[MEDIA_KWARG] = media
             media.visits.n = 0

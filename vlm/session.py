@@ -73,6 +73,12 @@ class Session:
             cache=self.cache,
             use_cache=self.use_cache,
         )
+        if self.cache is not None and self.cache.get_seq_length() == 0:
+            raise RuntimeError(
+                f"{type(self.model.lm).__name__} did not fill the cache it was given (transformers "
+                "version mismatch?); cached generation would be wrong. Install the pinned transformers "
+                "or pass use_cache=False"
+            )
         self.ids, self.attention_mask = input_ids_all, mask_all
         return self.model.head(out.last_hidden_state[:, -1])  # (B, V)
 
