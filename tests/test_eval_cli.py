@@ -34,6 +34,7 @@ def test_qa_zero_and_few_shot_write_json_and_markdown(setup, tmp_path):
     assert results["0-shot"]["count"] == 5 and 0.0 <= results["0-shot"]["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 10
+    assert all(r["question"] == "what colour is the shape?" for r in rows)  # for scripts/breakdown.py
     accuracy = sum(r["correct"] for r in rows if r["shots"] == 0) / 5
     assert accuracy == results["0-shot"]["accuracy"]  # the summary is the mean of the per-item results
     assert "| easy-vqa | 2-shot | accuracy |" in out.with_suffix(".md").read_text()

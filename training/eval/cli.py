@@ -98,7 +98,8 @@ def score(kind: str, items: list[Item], predictions: list[str], render: bool) ->
     per_item = [{"key": it.key, "prediction": p, "reference": it.answer} for it, p in zip(items, predictions)]
     if kind == "qa":
         hits = [exact_match(p, it.answer) for it, p in zip(items, predictions)]
-        for row, hit in zip(per_item, hits):
+        for row, hit, it in zip(per_item, hits, items):
+            row["question"] = it.prompt
             row["correct"] = hit
         return {"accuracy": sum(hits) / max(len(hits), 1), "count": len(hits)}, per_item
     if kind == "caption":

@@ -1,0 +1,91 @@
+"""Break down `vlm-eval --predictions` output: easy-VQA by answer type, sketches own vs other.
+
+    python scripts/breakdown.py PREDICTIONS.jsonl
+
+- easy-VQA: an answer is a shape (circle, rectangle, triangle), yes/no, or a colour (read
+  from the reference); yes/no questions are split by whether they name a colour. Prints
+  each type's accuracy and, for colour answers, which colours were confused with which.
+- sketch: the mean tree similarity of each page to its own sketch's reference, against
+  the mean over every other sketch's reference: how far a page follows its sketch
+  rather than being a generic page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from collections import Counter
+
+SHAPES = {"circle", "rectangle", "triangle"}
+COLOURS = re.compile(r"\b(red|green|blue|yellow|black|gray|grey|brown|teal)\b", re.IGNORECASE)
+
+
+def answer_type(reference: str) -> str:
+    ref = reference.strip().lower()
+    if ref in ("yes", "no"):
+        return "yes/no"
+    return "shape" if ref in SHAPES else "colour"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("predictions")
+    args = parser.parse_args(argv)
+    rows: dict[str, list[dict]] = {}
+    with open(args.predictions, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                parser.exit(2, f"{args.predictions}:{n}: not JSON: {e}\n")
+            rows.setdefault(row.get("task"), []).append(row)
+    if "easy-vqa" not in rows and "sketch" not in rows:
+        parser.exit(2, f"{args.predictions}: no easy-vqa or sketch rows\n")
+    if "easy-vqa" in rows:
+        easy_vqa(rows["easy-vqa"])
+    if "sketch" in rows:
+        sketch(rows["sketch"])
+    return 0
+
+
+def easy_vqa(rows: list[dict]) -> None:
+    total, right = Counter(), Counter()
+    confusions = Counter()
+    for r in rows:
+        kind = answer_type(r["reference"])
+        if kind == "yes/no" and "question" in r:
+            kind += ", names a colour" if COLOURS.search(r["question"]) else ", about a shape"
+        total[kind] += 1
+        right[kind] += bool(r["correct"])
+        if kind == "colour" and not r["correct"]:
+            confusions[(r["reference"].strip().lower(), r["prediction"].strip().lower())] += 1
+    print(f"easy-vqa: {sum(right.values())}/{len(rows)} = {100 * sum(right.values()) / len(rows):.1f} %")
+    for kind in sorted(total):
+        print(f"  {kind:24s} {right[kind]}/{total[kind]} = {100 * right[kind] / total[kind]:.1f} %")
+    if confusions:
+        print("  colour misses (reference -> prediction):")
+        for (ref, pred), n in confusions.most_common():
+            print(f"    {ref} -> {pred}: {n}")
+
+
+def sketch(rows: list[dict]) -> None:
+    from training.eval.html_metrics import tree_similarity
+
+    n = len(rows)
+    if n < 2:
+        print("sketch: need at least two sketches to compare own against other")
+        return
+    own = sum(tree_similarity(r["prediction"], r["reference"]) for r in rows) / n
+    other = sum(
+        tree_similarity(a["prediction"], b["reference"])
+        for i, a in enumerate(rows)
+        for j, b in enumerate(rows)
+        if i != j
+    ) / (n * (n - 1))
+    print(f"sketch: tree similarity to its own sketch {own:.3f}, to the {n} x {n - 1} other pairs {other:.3f}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""scripts/breakdown.py on hand-made vlm-eval prediction rows."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from training.data.sketch2html import page_at
+
+_spec = importlib.util.spec_from_file_location("breakdown", Path(__file__).parents[1] / "scripts" / "breakdown.py")
+breakdown = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(breakdown)
+
+
+def _write(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+def test_easy_vqa_by_answer_type_and_colour_confusions(tmp_path, capsys):
+    def row(q, ref, pred):
+        return {
+            "task": "easy-vqa",
+            "shots": 0,
+            "question": q,
+            "reference": ref,
+            "prediction": pred,
+            "correct": ref == pred,
+        }
+
+    rows = [
+        row("what shape is it?", "circle", "circle"),
+        row("what color is the shape?", "red", "brown"),
+        row("what color is the shape?", "blue", "blue"),
+        row("what color is the circle?", "red", "brown"),
+        row("is there a red shape?", "yes", "no"),
+        row("is there a triangle?", "no", "no"),
+    ]
+    assert breakdown.main([_write(tmp_path / "p.jsonl", rows)]) == 0
+    out = capsys.readouterr().out
+    assert "easy-vqa: 3/6 = 50.0 %" in out
+    assert "shape                    1/1 = 100.0 %" in out
+    assert "colour                   1/3 = 33.3 %" in out
+    assert "yes/no, names a colour   0/1 = 0.0 %" in out
+    assert "yes/no, about a shape    1/1 = 100.0 %" in out
+    assert "red -> brown: 2" in out
+
+
+def test_sketch_own_against_other(tmp_path, capsys):
+    # Every page predicted exactly: own similarity is 1, other pairs less.
+    refs = [page_at("test", i).html for i in range(3)]
+    rows = [{"task": "sketch", "shots": 0, "reference": r, "prediction": r} for r in refs]
+    assert breakdown.main([_write(tmp_path / "s.jsonl", rows)]) == 0
+    out = capsys.readouterr().out
+    assert "own sketch 1.000" in out
+    other = float(out.split("other pairs ")[1].split()[0])
+    assert other < 1.0
+
+
+def test_unusable_file_is_a_clear_error(tmp_path, capsys):
+    path = tmp_path / "bad.jsonl"
+    path.write_text("{not json\n")
+    with pytest.raises(SystemExit) as info:
+        breakdown.main([str(path)])
+    assert info.value.code == 2 and "bad.jsonl:1: not JSON" in capsys.readouterr().err
