@@ -49,8 +49,8 @@ class VLM(nn.Module):
         self.embed = TokenEmbedding(base_in, [image_token_id, end_of_chunk_token_id])
         self.head = OutputHead(base_out, self.embed, tied=base_out.weight is base_in.weight)
         self._decoder = [find_decoder(lm)[0]]  # a reference: it is already a submodule of lm
-        # transformers renamed the decoders' cache argument (past_key_values → cache in
-        # 5.2x); a wrong name lands in **kwargs unread and the cache silently stays empty.
+        # transformers renamed the decoders' cache argument (past_key_values in 5.17, cache
+        # in 5.24); a wrong name lands in **kwargs unread and the cache silently stays empty.
         params = inspect.signature(self.decoder.forward).parameters
         self._cache_kwarg = "cache" if "cache" in params else "past_key_values"
 
