@@ -7,7 +7,9 @@
   each type's accuracy and, for colour answers, which colours were confused with which.
 - sketch: the mean tree similarity of each page to its own sketch's reference, against
   the mean over every other sketch's reference: how far a page follows its sketch
-  rather than being a generic page.
+  rather than being a generic page; and which parts of the page agree with the reference:
+  whether it has a header, a nav and a footer, how many blocks its <main> holds, and
+  their kinds in order (each block's own tag and class, not what is inside it).
 """
 
 from __future__ import annotations
@@ -71,7 +73,7 @@ def easy_vqa(rows: list[dict]) -> None:
 
 
 def sketch(rows: list[dict]) -> None:
-    from training.eval.html_metrics import tree_similarity
+    from training.eval.html_metrics import parse_tree, tree_similarity
 
     n = len(rows)
     if n < 2:
@@ -85,6 +87,29 @@ def sketch(rows: list[dict]) -> None:
         if i != j
     ) / (n * (n - 1))
     print(f"sketch: tree similarity to its own sketch {own:.3f}, to the {n} x {n - 1} other pairs {other:.3f}")
+    agree, in_reference = Counter(), Counter()
+    for r in rows:
+        ref, pred = _page_parts(parse_tree(r["reference"])), _page_parts(parse_tree(r["prediction"]))
+        for part in ("header", "nav", "footer"):
+            in_reference[part] += part in ref["chrome"]
+            agree[part] += pred is not None and (part in ref["chrome"]) == (part in pred["chrome"])
+        agree["main block count"] += pred is not None and len(pred["main"]) == len(ref["main"])
+        agree["main block kinds in order"] += pred is not None and pred["main"] == ref["main"]
+    print("  parts that agree with the reference (an invalid page agrees on nothing):")
+    for part in ("header", "nav", "footer", "main block count", "main block kinds in order"):
+        has = f" (the reference has one in {in_reference[part]})" if part in in_reference else ""
+        print(f"    {part:26s} {agree[part]}/{n}{has}")
+
+
+def _page_parts(tree) -> dict | None:
+    """A page's top-level chrome tags and the labels of its <main>'s blocks; None for no tree."""
+    if tree is None:
+        return None
+    main = next((c for c in tree.children if c.tag == "main"), None)
+    return {
+        "chrome": {c.tag for c in tree.children if c.tag != "main"},
+        "main": [c.label for c in main.children] if main else [],
+    }
 
 
 if __name__ == "__main__":

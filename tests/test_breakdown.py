@@ -56,6 +56,34 @@ def test_sketch_own_against_other(tmp_path, capsys):
     assert "own sketch 1.000" in out
     other = float(out.split("other pairs ")[1].split()[0])
     assert other < 1.0
+    assert "main block kinds in order  3/3" in out
+
+
+def test_sketch_parts_that_agree(tmp_path, capsys):
+    ref = "<header><h1>A</h1></header><main><h2>B</h2><p>C</p></main><footer>D</footer>"
+    rows = [
+        # no footer, a nav that is not there, and the same main blocks
+        {
+            "reference": ref,
+            "prediction": "<header><h1>A</h1></header><nav><a>x</a></nav><main><h2>B</h2><p>C</p></main>",
+        },
+        # header and footer right, main has as many blocks but of other kinds
+        {
+            "reference": ref,
+            "prediction": "<header><h1>A</h1></header><main><p>B</p><h2>C</h2></main><footer>D</footer>",
+        },
+        # not well-formed: agrees on nothing
+        {"reference": ref, "prediction": "<header><h1>A</h1><main>"},
+    ]
+    for r in rows:
+        r.update(task="sketch", shots=0)
+    assert breakdown.main([_write(tmp_path / "s.jsonl", rows)]) == 0
+    out = capsys.readouterr().out
+    assert "header                     2/3 (the reference has one in 3)" in out
+    assert "nav                        1/3 (the reference has one in 0)" in out
+    assert "footer                     1/3 (the reference has one in 3)" in out
+    assert "main block count           2/3" in out
+    assert "main block kinds in order  1/3" in out
 
 
 def test_unusable_file_is_a_clear_error(tmp_path, capsys):
