@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the bundled default model: build the data, then train in four stages, export
+# Reproduce the bundled default model: build the data, then train in six stages, export
 # the adapter as bf16 into vlm/weights/default and evaluate it. Each stage resumes its
 # run if its checkpoint folder exists.
 #   stage 1: `default-gpu` (1,523 steps of 64 samples, the count a 439-s time budget
@@ -10,7 +10,11 @@
 #   stage 3: `default-stage3` (1,518 steps of 16, the count a 6,300-s budget chose on
 #            the same CPU), with easy-VQA questions that name a colour weighted up;
 #   stage 4: `default-stage4` (1,230 steps of 16, the count a 5,400-s budget chose on
-#            the same CPU), another cosine cycle with those questions weighted 4.
+#            the same CPU), another cosine cycle with those questions weighted 4;
+#   stage 5: `default-stage5` (603 steps of 16, a 1,800-s budget), the same mixture
+#            at half the learning rate;
+#   stage 6: `default-stage6` (1,191 steps of 16, a 4,800-s budget), sketches and
+#            colour questions weighted up.
 #   bash scripts/train_default.sh                 # the bundled model's recipe
 #   bash scripts/train_default.sh --cpu           # the older two-stage CPU recipe (about 3 h
 #                                                 # on 2 cores; 85.6 % easy-VQA)
@@ -43,7 +47,13 @@ else
   export_to "$run-stage3" "$run-stage3-export"
   .venv/bin/vlm-train --preset default-stage4 --checkpoint.dir "$run-stage4" \
     --model.init_from "$run-stage3-export" "$@"
-  run="$run-stage4"
+  export_to "$run-stage4" "$run-stage4-export"
+  .venv/bin/vlm-train --preset default-stage5 --checkpoint.dir "$run-stage5" \
+    --model.init_from "$run-stage4-export" "$@"
+  export_to "$run-stage5" "$run-stage5-export"
+  .venv/bin/vlm-train --preset default-stage6 --checkpoint.dir "$run-stage6" \
+    --model.init_from "$run-stage5-export" "$@"
+  run="$run-stage6"
 fi
 export_to "$run" vlm/weights/default
 .venv/bin/vlm-eval --task easy-vqa shapes emoji --limit 1000 --out eval_qa.json
