@@ -38,22 +38,14 @@ if [ "${1:-}" = "--cpu" ]; then
 else
   run="${VLM_RUN_DIR:-$HOME/.cache/vlm/runs/default-gpu}"
   .venv/bin/vlm-train --preset default-gpu --checkpoint.dir "$run" "$@"
-  export_to "$run" "$run-export"  # the stage-2 run started from this bf16 export
-  .venv/bin/vlm-train --preset default-colour --checkpoint.dir "$run-colour" \
-    --model.init_from "$run-export" "$@"
-  export_to "$run-colour" "$run-colour-export"
-  .venv/bin/vlm-train --preset default-stage3 --checkpoint.dir "$run-stage3" \
-    --model.init_from "$run-colour-export" "$@"
-  export_to "$run-stage3" "$run-stage3-export"
-  .venv/bin/vlm-train --preset default-stage4 --checkpoint.dir "$run-stage4" \
-    --model.init_from "$run-stage3-export" "$@"
-  export_to "$run-stage4" "$run-stage4-export"
-  .venv/bin/vlm-train --preset default-stage5 --checkpoint.dir "$run-stage5" \
-    --model.init_from "$run-stage4-export" "$@"
-  export_to "$run-stage5" "$run-stage5-export"
-  .venv/bin/vlm-train --preset default-stage6 --checkpoint.dir "$run-stage6" \
-    --model.init_from "$run-stage5-export" "$@"
-  run="$run-stage6"
+  prev="$run"
+  for stage in colour stage3 stage4 stage5 stage6; do  # each starts from the previous, exported as bf16
+    export_to "$prev" "$prev-export"
+    .venv/bin/vlm-train --preset "default-$stage" --checkpoint.dir "$run-$stage" \
+      --model.init_from "$prev-export" "$@"
+    prev="$run-$stage"
+  done
+  run="$prev"
 fi
 export_to "$run" vlm/weights/default
 .venv/bin/vlm-eval --task easy-vqa shapes emoji --limit 1000 --out eval_qa.json
