@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the bundled default model: build the data, then train in six stages, export
+# Reproduce the bundled default model: build the data, then train in seven stages, export
 # the adapter as bf16 into vlm/weights/default and evaluate it. Each stage resumes its
 # run if its checkpoint folder exists.
 #   stage 1: `default-gpu` (1,523 steps of 64 samples, the count a 439-s time budget
@@ -14,7 +14,9 @@
 #   stage 5: `default-stage5` (603 steps of 16, a 1,800-s budget), the same mixture
 #            at half the learning rate;
 #   stage 6: `default-stage6` (1,191 steps of 16, a 4,800-s budget), sketches and
-#            colour questions weighted up.
+#            colour questions weighted up;
+#   stage 7: `default-stage7` (1,645 steps of 16, the count a 4,800-s budget chose;
+#            2 h 1 min), questions naming brown, red or teal weighted up as well.
 #   bash scripts/train_default.sh                 # the bundled model's recipe
 #   bash scripts/train_default.sh --cpu           # the older two-stage CPU recipe (about 3 h
 #                                                 # on 2 cores; 85.6 % easy-VQA)
@@ -39,7 +41,7 @@ else
   run="${VLM_RUN_DIR:-$HOME/.cache/vlm/runs/default-gpu}"
   .venv/bin/vlm-train --preset default-gpu --checkpoint.dir "$run" "$@"
   prev="$run"
-  for stage in colour stage3 stage4 stage5 stage6; do  # each starts from the previous, exported as bf16
+  for stage in colour stage3 stage4 stage5 stage6 stage7; do  # each starts from the previous, exported as bf16
     export_to "$prev" "$prev-export"
     .venv/bin/vlm-train --preset "default-$stage" --checkpoint.dir "$run-$stage" \
       --model.init_from "$prev-export" "$@"
