@@ -228,3 +228,25 @@ def test_config_overrides_and_errors():
         resolve(None, [])
     assert apply_overrides({}, ["--a.b", "3"]) == {"a": {"b": 3}}
     assert isinstance(TrainConfig().to_dict()["optim"]["betas"], tuple)
+
+
+def test_presets_extend_other_presets(tmp_path):
+    source = {"shards": "x", "kind": "qa"}
+    base = {"data": {"sources": [source, source], "batch_size": 8}, "optim": {"lr": 1e-3, "warmup_steps": 5}}
+    (tmp_path / "base.json").write_text(json.dumps(base))
+    child = {"extends": "base", "data": {"sources": [source]}, "optim": {"lr": 2e-4}, "seed": 3}
+    (tmp_path / "child.json").write_text(json.dumps(child))
+    cfg = resolve(str(tmp_path / "child.json"), ["--steps", "9"])
+    # Sections merge key by key; a list replaces the parent's list; overrides still win.
+    assert len(cfg.data.sources) == 1 and cfg.data.batch_size == 8
+    assert cfg.optim.lr == 2e-4 and cfg.optim.warmup_steps == 5 and cfg.seed == 3 and cfg.steps == 9
+    (tmp_path / "base.json").write_text(json.dumps({**base, "extends": "child"}))
+    with pytest.raises(ValueError, match="'extends' loops: child -> base -> child"):
+        resolve(str(tmp_path / "child.json"), [])
+    (tmp_path / "child.json").write_text(json.dumps({**child, "extends": "missing"}))
+    with pytest.raises(ValueError, match="unknown training preset 'missing'"):
+        resolve(str(tmp_path / "child.json"), [])
+    # The bundled stage presets extend one another: stage 7 keeps stage 3's loader and eval.
+    stage7, stage3 = resolve("default-stage7", []), resolve("default-stage3", [])
+    assert stage7.data.batch_size == stage3.data.batch_size == 16 and stage7.eval == stage3.eval
+    assert stage7.steps == 1645 and stage7.seed == 9 and stage7.checkpoint.every == 100

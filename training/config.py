@@ -187,14 +187,29 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
     return data
 
 
-def load_preset(name: str) -> dict:
+def load_preset(name: str, _chain: tuple[Path, ...] = ()) -> dict:
+    """A training preset as a dict. ``"extends": "other-preset"`` starts from that preset
+    (a name in the same folder, or a path) and overrides it key by key: sections merge,
+    lists and values replace."""
     path = Path(name)
     if not path.suffix:
-        path = PRESET_DIR / f"{name}.json"
+        path = (_chain[-1].parent if _chain else PRESET_DIR) / f"{name}.json"
     if not path.is_file():
         known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
         raise ValueError(f"unknown training preset {name!r}; presets: {known}")
-    return json.loads(path.read_text())
+    chain = (*_chain, path.resolve())
+    if path.resolve() in _chain:
+        raise ValueError(f"training preset {path}: 'extends' loops: {' -> '.join(p.stem for p in chain)}")
+    try:
+        data = json.loads(path.read_text())
+    except ValueError as e:
+        raise ValueError(f"training preset {path}: not valid JSON: {e}") from e
+    base = data.pop("extends", None)
+    if base is None:
+        return data
+    if not isinstance(base, str):
+        raise ValueError(f"training preset {path}: 'extends' must be a preset name or path, got {base!r}")
+    return _merge(load_preset(base, chain), data)
 
 
 def resolve(preset: str | None, overrides: list[str]) -> TrainConfig:
