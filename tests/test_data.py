@@ -164,6 +164,15 @@ def test_resampled_mixture_follows_weights_and_epoch_length(make_model, tmp_path
     assert all(len({k[0] for k in b["keys"]}) == 1 for b in batches)
     share_a = sum(b["keys"][0].startswith("a") for b in batches) / len(batches)
     assert 0.65 < share_a < 0.85, share_a
+    # Each batch names its source (the trainer's time budget weighs sources by it); a
+    # batch that mixes sources says -1.
+    assert all(b["source"] == "ab".index(b["keys"][0][0]) for b in batches)
+    cfg = LoaderConfig(sources, batch_size=10, resampled=True, epoch_batches=20, shuffle_buffer=4, mix="sample")
+    _, _, batches = _collect(cfg, processor, workers=0)
+    assert all(
+        b["source"] == (-1 if len({k[0] for k in b["keys"]}) > 1 else "ab".index(b["keys"][0][0])) for b in batches
+    )
+    assert any(b["source"] == -1 for b in batches)
 
 
 def test_shuffling_changes_order_but_not_content(make_model, tmp_path):

@@ -21,6 +21,7 @@ from training import checkpoint as ckpt
 from training.config import TrainConfig, apply_overrides, resolve
 from training.data.shards import ShardWriter, caption_sample, image_bytes
 from training.train import main as train_main
+from training.train import mixture_step_s
 from vlm.tiny import make_tiny_lm, tiny_config
 
 # Two shards of four with the same number of caption tokens each (in the tiny tokenizer),
@@ -205,6 +206,20 @@ def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
     assert ckpt.list_checkpoints(workspace / "budget")[-1] == last
     with pytest.raises(ValueError, match="stop_at and time_budget_s do not combine"):
         resolve(None, ["--time_budget_s", "60", "--stop_at", "5", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
+
+
+def test_budget_step_time_weighs_each_source_by_its_share():
+    # Source 0 (short answers) 1 s a step, source 1 (pages) 5 s; weights 3 : 1. Ten timed
+    # steps that happened to draw source 1 four times average 2.6 s; the mixture costs 2 s.
+    timed = [([0], 1.0)] * 6 + [([1], 5.0)] * 4
+    assert mixture_step_s(timed, [3.0, 1.0]) == pytest.approx(2.0)
+    # A source not drawn yet counts at the mean of all timed steps (here 2.6 s).
+    assert mixture_step_s(timed, [3.0, 1.0, 1.0]) == pytest.approx((3 * 1 + 5 + 2.6) / 5)
+    # Steps that mix sources (a batch of -1, or micro-batches from two) give the plain mean.
+    assert mixture_step_s([([0], 1.0), ([-1], 3.0)], [1.0, 1.0]) == pytest.approx(2.0)
+    assert mixture_step_s([([0, 1], 4.0), ([0], 2.0)], [1.0, 1.0]) == pytest.approx(3.0)
+    with pytest.raises(ValueError, match="no timed steps"):
+        mixture_step_s([], [1.0])
 
 
 def test_time_budget_under_ddp_gives_every_rank_the_same_step_count(workspace):

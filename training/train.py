@@ -15,6 +15,7 @@ import math
 import sys
 import time
 import warnings
+from collections.abc import Sequence
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -258,6 +259,26 @@ def fit_steps(step: int, elapsed: float, step_s: float, budget: float, margin: f
     return step + max(0, int(margin * (budget - elapsed) / step_s))
 
 
+def mixture_step_s(timed: Sequence[tuple[Sequence[int], float]], weights: Sequence[float]) -> float:
+    """Expected seconds a step over the data mixture, from timed steps ``(sources, seconds)``
+    (``sources``: the source index of each micro-batch, -1 where a batch mixes sources).
+
+    A few dozen timed steps draw the sources unevenly, and a page of HTML costs several
+    times a short answer, so each source's mean step time is weighted by its share of the
+    mixture; a source not yet drawn counts at the mean of all timed steps, and where steps
+    mix sources the plain mean is the estimate."""
+    if not timed:
+        raise ValueError("no timed steps")
+    overall = sum(seconds for _, seconds in timed) / len(timed)
+    per_source: dict[int, list[float]] = {}
+    for sources, seconds in timed:
+        if len(set(sources)) != 1 or sources[0] < 0:
+            return overall
+        per_source.setdefault(sources[0], []).append(seconds)
+    mean = {i: sum(t) / len(t) for i, t in per_source.items()}
+    return sum(w * mean.get(i, overall) for i, w in enumerate(weights)) / sum(weights)
+
+
 def train(cfg: TrainConfig) -> dict:
     began = time.perf_counter()
     d = setup(cfg.device)
@@ -294,7 +315,7 @@ def train(cfg: TrainConfig) -> dict:
             print(f"resumed from {resume} at step {step}", flush=True)
     fitted = resume is not None and bool(state.get("steps_fitted"))
     fit_at = max(cfg.optim.warmup_steps, 20)
-    timed_from = None
+    timed: list[tuple[list[int], float]] = []  # (micro-batch sources, seconds) of the steps timed for the budget
     if d.is_main:
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
     batches = Batches(cfg.data, processor, d, epoch, position)
@@ -304,10 +325,13 @@ def train(cfg: TrainConfig) -> dict:
     consecutive_bad, loss_window, start, start_step = 0, [], time.perf_counter(), step
     last = {}
     end = cfg.stop_at or cfg.steps
+    tick = time.perf_counter()
     while step < end:
         total = torch.zeros((), device=d.device)
+        step_sources = []
         for micro in range(cfg.grad_accum):
             batch = to_device(next(batches), d.device)
+            step_sources.append(batch.get("source", -1))
             with no_gradient_sync(model, strategy, micro < cfg.grad_accum - 1):
                 loss = forward_loss(model, batch, autocast) / cfg.grad_accum
                 if step in cfg.debug_nan_steps:
@@ -341,11 +365,12 @@ def train(cfg: TrainConfig) -> dict:
             scheduler.step()
         step += 1
         bar.update(1)
-        if cfg.time_budget_s and not fitted and step == fit_at // 2:
-            timed_from = (step, time.perf_counter())
-        if cfg.time_budget_s and not fitted and step == fit_at and timed_from is not None:
-            now = time.perf_counter()
-            step_s = (now - timed_from[1]) / (step - timed_from[0])
+        now = time.perf_counter()
+        if cfg.time_budget_s and not fitted and fit_at // 2 < step <= fit_at:
+            timed.append((step_sources, now - tick))
+        tick = now
+        if cfg.time_budget_s and not fitted and step == fit_at and timed:
+            step_s = mixture_step_s(timed, [s.weight for s in cfg.data.sources])
             cfg.steps = fit_steps(step, now - began, step_s, cfg.time_budget_s)
             if d.enabled:  # ranks time themselves a little differently: all take the smallest count
                 count = torch.tensor(cfg.steps, device=d.device)
@@ -356,10 +381,11 @@ def train(cfg: TrainConfig) -> dict:
             bar.refresh()
             if d.is_main:
                 tqdm.write(
-                    f"time budget {cfg.time_budget_s:.0f} s: {step_s:.3f} s a step after "
+                    f"time budget {cfg.time_budget_s:.0f} s: {step_s:.3f} s a step (over the data mixture) after "
                     f"{now - began:.0f} s, so the run spans {cfg.steps} steps"
                 )
-            logger.log(step, {"fitted_steps": cfg.steps, "fit_s_per_step": step_s})
+            plain = sum(seconds for _, seconds in timed) / len(timed)
+            logger.log(step, {"fitted_steps": cfg.steps, "fit_s_per_step": step_s, "fit_s_per_step_plain": plain})
         if step % cfg.log_every == 0 or step == end:
             rate = (step - start_step) * per_step / (time.perf_counter() - start)
             last = {

@@ -191,18 +191,19 @@ class ShardStream(IterableDataset):
                 if source.select:
                     samples = _selected(samples, source.select)
                 stream = self._shuffled(samples, rng)
-                streams.append((source.kind, stream))
+                streams.append((i, source.kind, stream))
                 weights.append(source.weight)
         limit = math.inf
         if self.cfg.epoch_batches:
             limit = math.ceil(self.cfg.epoch_batches / workers)
         encoded, pixels, keys, batches = [], [], [], 0
+        origins: set[int] = set()  # the sources in the batch being filled
         current = None
         while streams and batches < limit:
             if current is None or self.cfg.mix == "sample":
                 current = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
             j = current
-            kind, stream = streams[j]
+            source_index, kind, stream = streams[j]
             try:
                 raw = next(stream)
             except StopIteration:
@@ -223,18 +224,22 @@ class ShardStream(IterableDataset):
             encoded.append((ids, labels))
             pixels.append(px)
             keys.append(raw.get("__key__", ""))
+            origins.add(source_index)
             if len(encoded) == self.cfg.batch_size:
-                yield self._batch(encoded, pixels, keys, skipped)
+                yield self._batch(encoded, pixels, keys, skipped, origins)
                 encoded, pixels, keys, batches = [], [], [], batches + 1
-                current = None
+                origins, current = set(), None
         if encoded and not self.cfg.drop_last and batches < limit:
-            yield self._batch(encoded, pixels, keys, skipped)
+            yield self._batch(encoded, pixels, keys, skipped, origins)
         elif skipped:
             yield {"skipped": dict(skipped)}  # a final report with no samples
 
-    def _batch(self, encoded, pixels, keys, skipped: SkipCounter) -> dict:
+    def _batch(self, encoded, pixels, keys, skipped: SkipCounter, origins: set[int]) -> dict:
         batch = self.processor.collate(encoded, pixels)
         batch["keys"] = keys
+        # The index of the one source the batch came from, or -1 if it mixes sources: the
+        # trainer's time budget weighs each source's step time by its share of batches.
+        batch["source"] = next(iter(origins)) if len(origins) == 1 else -1
         batch["skipped"] = dict(skipped)
         skipped.clear()
         return batch
