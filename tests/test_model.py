@@ -207,6 +207,37 @@ def test_spatial_positions_make_the_resampler_see_where_tokens_are():
         assert same is (not spatial_pos)
 
 
+def test_pass_tokens_hands_the_image_tokens_to_the_decoder_and_loads_older_weights(make_model):
+    import dataclasses
+
+    from vlm.factory import load_trainable
+
+    model, processor = make_model()
+    cfg = model.config
+    with_tokens = dataclasses.replace(cfg, resampler=dataclasses.replace(cfg.resampler, pass_tokens=True))
+    torch.manual_seed(1)
+    wide, _ = vlm.create_model_and_transforms(with_tokens, verbose=False)
+    # No new weights: a checkpoint trained without pass_tokens loads as it is.
+    assert wide.trainable_state_dict().keys() == model.trainable_state_dict().keys()
+    load_trainable(wide, model.trainable_state_dict())
+    batch = two_image_batch(processor)
+    with torch.no_grad():
+        latents, both = model.encode_images(batch["images"]), wide.encode_images(batch["images"])
+        n_tokens = model.vision(batch["images"]).shape[2]
+    lat = cfg.resampler.num_latents
+    assert both.shape[:3] == (1, 2, lat + n_tokens)
+    assert torch.allclose(both[:, :, :lat], latents, atol=1e-6)  # the latents come first, unchanged
+    # The decoder attends to the tokens too: with open gates, changing only the extra
+    # entries changes the loss, and the latest-image mask still holds (no NaN).
+    set_gates(wide, 1.0)
+    out = wide(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    assert torch.isfinite(out.loss)
+    wide.resampler.pass_tokens = False
+    assert not torch.allclose(
+        wide(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss, out.loss
+    )
+
+
 def test_last_stage_channels_follow_the_head_and_a_widened_checkpoint_starts_unchanged(tiny_lm_dirs):
     import dataclasses
 

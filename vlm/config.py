@@ -81,6 +81,11 @@ class ResamplerConfig:
     know where each token sits. Conv towers (EfficientNet) carry little position on
     their own; ViT tokens already do. Off by default so that older configs load
     unchanged; the bundled presets turn it on."""
+    pass_tokens: bool = False
+    """Also hand the image tokens themselves (projected, with their position codes) to
+    the cross-attention, after the latents: the decoder can then look up where things
+    are, which the latents may average away. No extra weights (the tokens share the
+    latents' output norm and projection), so a checkpoint trained without it loads."""
 
     def validate(self) -> None:
         for name in ("num_latents", "depth", "heads", "head_dim", "ff_mult", "max_images"):

@@ -106,6 +106,7 @@ def create_model_and_transforms(
         ff_mult=rs.ff_mult,
         max_images=rs.max_images,
         spatial_pos=rs.spatial_pos,
+        pass_tokens=rs.pass_tokens,
     )
     model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices)
     count = apply_freezing(model)

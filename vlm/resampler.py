@@ -67,7 +67,7 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """Image tokens ``(B, T, N, Dv)`` → latents ``(B, T, L, D_lm)``."""
+    """Image tokens ``(B, T, N, Dv)`` → latents ``(B, T, L, D_lm)`` (``L + N`` with ``pass_tokens``)."""
 
     def __init__(
         self,
@@ -81,10 +81,12 @@ class PerceiverResampler(nn.Module):
         ff_mult: int,
         max_images: int,
         spatial_pos: bool = False,
+        pass_tokens: bool = False,
     ):
         super().__init__()
         self.max_images = max_images
         self.spatial_pos = spatial_pos
+        self.pass_tokens = pass_tokens
         self.proj_in = nn.Linear(vision_dim, dim)
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
         # Media-time embeddings: where an image sits among a sample's images.
@@ -107,5 +109,7 @@ class PerceiverResampler(nn.Module):
         for attn, ff in self.layers:
             latents = latents + attn(x, latents)
             latents = latents + ff(latents)
-        out = self.proj_out(self.norm(latents))  # (B*T, L, D_lm)
+        if self.pass_tokens:  # the decoder also sees every image token, after the latents
+            latents = torch.cat([latents, x], dim=1)  # (B*T, L + N, D)
+        out = self.proj_out(self.norm(latents))  # (B*T, L, D_lm), or L + N
         return out.unflatten(0, (b, t))
