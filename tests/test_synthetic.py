@@ -240,6 +240,38 @@ def test_grammar_covers_every_element(pages):
     assert amp and all("&amp;" in p.html and "& " not in p.html for p in amp)
 
 
+def drawn_paragraphs(layout, width):
+    """(lines drawn, width, target text) of every paragraph, as the sketch draws it."""
+    from training.data.sketch2html import _child_width, _text_lines
+
+    for b in layout:
+        if b.kind == "paragraph":
+            yield _text_lines(b.length, width), width, b.text
+        elif b.children:
+            inner = (
+                _child_width(b, width) if b.kind in ("row", "columns") else width - 16 if b.kind == "card" else width
+            )
+            yield from drawn_paragraphs(b.children, inner)
+
+
+def test_paragraph_text_is_a_placeholder_fixed_by_the_drawing(pages):
+    from training.data.sketch2html import INNER, LOREM, placeholder
+
+    seen: dict[tuple[int, int], str] = {}
+    for page in pages:
+        for lines, width, text in drawn_paragraphs(page.layout, INNER):
+            # Same drawn size, same text, whichever page it is on.
+            assert seen.setdefault((lines, width), text) == text, page.key
+            assert text == placeholder(lines, width) and text.startswith("Lorem")
+    assert len({lines for lines, _ in seen}) >= 3  # paragraphs of several line counts occur
+    for width in (80, 230, 480):  # more lines, more text; wider lines, more text
+        texts = [placeholder(n, width) for n in range(1, 6)]
+        assert all(a.rstrip(".") in b for a, b in zip(texts, texts[1:])) and len(set(texts)) == 5
+        assert len(placeholder(2, width)) <= len(placeholder(2, width + 150))
+    words = placeholder(40, 480).rstrip(".").lower().split()
+    assert words[: len(LOREM)] == LOREM and words[len(LOREM)] == LOREM[0]  # past the end it starts again
+
+
 def test_html_is_compact(pages):
     lengths = sorted(len(p.html) for p in pages)
     assert lengths[-1] <= MAX_HTML_CHARS < 1500

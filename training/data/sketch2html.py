@@ -7,8 +7,12 @@ written ``<img alt="photo">`` and ``<input>`` with no closing slash; text is esc
 ``html.escape``. The body is ``[<header>][<nav>]<main>content blocks</main>[<footer>]``.
 
 The sketch draws the same blocks top to bottom (cards and columns left to right) with a
-wobbly pen. Short labels are written in a real font so they can be read off the image;
-paragraphs are squiggles whose line count follows their length.
+wobbly pen. Short labels (titles, headings, links, buttons, fields, list items, alt texts)
+are written in a real font, and the target repeats them as drawn. Paragraphs are drawn as
+squiggles, which show how long a paragraph is and nothing of what it says, so the target
+never asks the model to invent sentences: a paragraph drawn as n lines of width w is the
+first words of lorem ipsum, as many as n such lines hold (``placeholder``), text a
+reader recognises at once as a placeholder to fill in.
 """
 
 from __future__ import annotations
@@ -17,7 +21,7 @@ import html
 import math
 import random
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cache
 
 from PIL import Image, ImageDraw, ImageFont
@@ -42,8 +46,17 @@ SUBMITS = ("Submit", "Send", "Sign in", "Register")
 ITEMS = ("Fast", "Free", "Simple", "Secure", "Open", "Friendly", "Modern", "Local", "Fresh", "Quiet", "Bright", "Safe")
 ALTS = ("photo", "logo", "chart", "map", "banner", "avatar")
 FOOTERS = ("Made with care", "All rights reserved", "Contact us", "Follow us", "Thanks for visiting")
-# A tiny sentence grammar: paragraphs read like plain English rather than word salad, which
-# gives the LM predictable text where the sketch only shows squiggles.
+# A paragraph's target text: the start of the classic placeholder, as many words as its drawn
+# lines hold at one word per 12 characters of line (so a wide line holds more words than a
+# card's; a short placeholder keeps the target cheap to train on).
+LOREM = (
+    "lorem ipsum dolor sit amet consectetur adipiscing elit sed do eiusmod tempor incididunt ut labore et "
+    "dolore magna aliqua ut enim ad minim veniam quis nostrud exercitation ullamco laboris nisi ut aliquip ex "
+    "ea commodo consequat"
+).split()
+# A tiny sentence grammar. It only sets how long a drawn paragraph is (its line count and
+# how far its last line runs); drawing lengths from it keeps every sketch, and the random
+# draws of every layout, exactly as in the shards built before placeholders.
 SUBJECTS = ("We", "You", "Our friends", "People", "Many teams", "Our kids")
 VERBS = ("make", "build", "share", "sell", "find", "love", "grow", "plan", "cook", "write")
 ADJECTIVES = ("simple", "fresh", "bright", "small", "good", "new", "friendly", "quiet", "clean", "warm")
@@ -74,6 +87,7 @@ class Block:
     items: tuple[str, ...] = ()
     children: tuple[Block, ...] = ()
     level: int = 0  # headings only: 1, 2, or 3 inside cards
+    length: int = 0  # paragraphs only: drawn length in characters (line count, last line's reach)
 
     @property
     def tag(self) -> str:
@@ -142,7 +156,7 @@ def generate_pages(split: str, count: int, seed: int = 0) -> Iterator[SketchPage
 def page_at(split: str, index: int, seed: int = 0) -> SketchPage:
     """Page ``index`` of ``split``: the same whichever other pages are made, or in what order."""
     rng = random.Random(f"sketch2html/{seed}/{split}/{index}")
-    layout = _layout(rng)
+    layout = tuple(_with_placeholder(b, INNER) for b in _layout(rng))
     return SketchPage(f"sketch-{split}-{index:06d}", layout, render_html(layout), draw_sketch(layout, rng))
 
 
@@ -174,6 +188,29 @@ def _fits(layout: Sequence[Block]) -> bool:
     return height <= SKETCH_SIZE[1] - 2 * MARGIN and len(render_html(layout)) <= MAX_HTML_CHARS
 
 
+def placeholder(lines: int, width: int) -> str:
+    """The target text of a paragraph drawn as ``lines`` squiggle lines ``width`` pixels wide."""
+    count = lines * max(1, _line_chars(width) // 12)
+    words = [LOREM[i % len(LOREM)] for i in range(count)]
+    return " ".join(words).capitalize() + "."
+
+
+def _with_placeholder(b: Block, width: int) -> Block:
+    """``b`` with each paragraph's text set from the lines it is drawn with at ``width``."""
+    if b.kind == "paragraph":
+        return replace(b, text=placeholder(_text_lines(b.length, width), width))
+    if not b.children:
+        return b
+    inner = _child_width(b, width) if b.kind in ("row", "columns") else width - 16 if b.kind == "card" else width
+    return replace(b, children=tuple(_with_placeholder(c, inner) for c in b.children))
+
+
+def _drawn_paragraph(text: str) -> Block:
+    # The sentence only sizes the drawing (and, through _fits, the layout); the target
+    # text is set from the drawing in _with_placeholder.
+    return Block("paragraph", text, length=len(text))
+
+
 def _sentence(rng: random.Random, short: bool = False) -> str:
     words = [rng.choice(SUBJECTS), rng.choice(VERBS)]
     if rng.random() < 0.6:
@@ -196,7 +233,7 @@ def _content_block(rng: random.Random) -> Block:
         for heading in rng.sample(CARD_HEADINGS, rng.randint(2, 4)):
             parts = [Block("heading", heading, level=3)]
             if with_text:
-                parts.append(Block("paragraph", _sentence(rng, short=True)))
+                parts.append(_drawn_paragraph(_sentence(rng, short=True)))
             if with_button:
                 parts.append(Block("button", rng.choice(CARD_BUTTONS)))
             cards.append(Block("card", children=tuple(parts)))
@@ -217,7 +254,7 @@ def _simple(rng: random.Random, kind: str, level: int, column: bool) -> Block:
     if kind == "heading":
         return Block("heading", rng.choice(CARD_HEADINGS if column else HEADINGS), level=level)
     if kind == "paragraph":
-        return Block("paragraph", _paragraph(rng, 1 if column else 3))
+        return _drawn_paragraph(_paragraph(rng, 1 if column else 3))
     if kind == "image":
         return Block("image", rng.choice(ALTS))
     if kind == "button":
@@ -240,9 +277,13 @@ def _wide(width: int) -> bool:
     return width >= INNER
 
 
-def _text_lines(text: str, width: int) -> int:
-    # About 8 px per character of real text: a longer paragraph draws more squiggles.
-    return max(1, math.ceil(len(text) / max(8, width // 8)))
+def _line_chars(width: int) -> int:
+    return max(8, width // 8)  # about 8 px a character of real text
+
+
+def _text_lines(length: int, width: int) -> int:
+    """Squiggle lines of a paragraph ``length`` characters long: a longer one draws more."""
+    return max(1, math.ceil(length / _line_chars(width)))
 
 
 def _height(b: Block, width: int) -> int:
@@ -252,7 +293,7 @@ def _height(b: Block, width: int) -> int:
     if b.kind == "heading":
         return {1: 38, 2: 30, 3: 24}[b.level]
     if b.kind == "paragraph":
-        return _text_lines(b.text, width) * _LINE + 4
+        return _text_lines(b.length, width) * _LINE + 4
     if b.kind == "image":
         return 100 if _wide(width) else 70
     if b.kind == "button":
@@ -361,8 +402,8 @@ def _draw(pen: _Pen, b: Block, x: int, y: int, w: int, h: int | None = None) -> 
     elif b.kind == "heading":
         pen.text(x + 2, y + 2, b.text, _FONT[f"h{b.level}"])
     elif b.kind == "paragraph":
-        lines = _text_lines(b.text, w)
-        rest = len(b.text) / max(8, w // 8) - (lines - 1)  # the last line is only partly full
+        lines = _text_lines(b.length, w)
+        rest = b.length / _line_chars(w) - (lines - 1)  # the last line is only partly full
         for i in range(lines):
             end = x + w - 4 if i < lines - 1 else x + max(24, (w - 4) * rest)
             pen.squiggle(x + 2, y + 8 + i * _LINE, end)
