@@ -4,6 +4,7 @@ import math
 import re
 from html.parser import HTMLParser
 
+import numpy as np
 import pytest
 
 from training.data.shapes import COLORS, HELD_OUT, PALETTE, SHAPES, generate_scenes
@@ -317,3 +318,48 @@ def test_rendering_in_worker_processes_gives_the_same_samples_in_order():
         assert alone and alone == list(build(workers=2))
     with pytest.raises(ValueError, match="split"):
         next(builders.sketches("tset", 2, workers=2))
+
+
+def test_sketch_styles_change_the_drawing_not_the_page():
+    from training.data.sketch2html import STYLES, page_at
+
+    plain = [page_at("test", i) for i in range(4)]
+    for style in STYLES[1:]:
+        styled = [page_at("test", i, style=style) for i in range(4)]
+        assert [p.html for p in styled] == [p.html for p in plain] and [p.layout for p in styled] == [
+            p.layout for p in plain
+        ]
+        assert all(s.sketch.size == SKETCH_SIZE for s in styled)
+        assert sum(s.sketch.tobytes() != p.sketch.tobytes() for s, p in zip(styled, plain)) >= 3, style
+        assert [s.sketch.tobytes() for s in styled] == [
+            page_at("test", i, style=style).sketch.tobytes() for i in range(4)
+        ]
+    with pytest.raises(ValueError, match="unknown sketch style"):
+        page_at("test", 0, style="crayon")
+
+
+def test_photographed_sketches_look_like_photos_and_keep_the_ink():
+    from training.data.sketch2html import page_at
+
+    for i in range(3):
+        plain, photo = page_at("test", i).sketch, page_at("test", i, style="photo").sketch
+        arr = np.asarray(photo, dtype=np.float32)
+        assert arr[..., 2].mean() < arr[..., 0].mean()  # warm paper, not white
+        assert (arr > 250).all(-1).mean() < 0.05  # almost no pure white left
+        # Ink still shows: dark strokes stand out from the paper around them.
+        assert (np.asarray(photo.convert("L")) < 90).sum() > 0.2 * (np.asarray(plain.convert("L")) < 90).sum()
+
+
+def test_held_out_styles_lie_at_or_past_the_edge_of_the_training_variety():
+    import random
+
+    from training.data.sketch_style import HELD_OUT, random_style
+
+    drawn = [random_style(random.Random(i)) for i in range(2000)]
+    assert HELD_OUT["marker"].pen > max(s.pen for s in drawn)
+    assert HELD_OUT["handwriting"].slant > max(s.slant for s in drawn)
+    assert HELD_OUT["handwriting"].jitter > max(s.jitter for s in drawn)
+    assert HELD_OUT["loose"].spacing > max(s.spacing for s in drawn)
+    assert HELD_OUT["loose"].zoom < min(s.zoom for s in drawn)
+    assert HELD_OUT["photo"].photo > max(s.photo for s in drawn)
+    assert 0.25 < sum(s == type(s)() for s in drawn) / len(drawn) < 0.42  # a third drawn as the original

@@ -27,6 +27,7 @@ from functools import cache
 from PIL import Image, ImageDraw, ImageFont
 
 from training.data.shapes import check_split
+from training.data.sketch_style import HELD_OUT, SketchStyle, fit_on_paper, photograph, random_style
 from vlm.html import STYLESHEET, document  # noqa: F401 (the page shell lives with the apps)
 
 SKETCH_SIZE = (512, 512)  # square, because the image towers resize to a square without cropping
@@ -153,11 +154,25 @@ def generate_pages(split: str, count: int, seed: int = 0) -> Iterator[SketchPage
     return (page_at(split, index, seed) for index in range(count))
 
 
-def page_at(split: str, index: int, seed: int = 0) -> SketchPage:
-    """Page ``index`` of ``split``: the same whichever other pages are made, or in what order."""
+STYLES = ("plain", "varied", *HELD_OUT)
+
+
+def page_at(split: str, index: int, seed: int = 0, style: str = "plain") -> SketchPage:
+    """Page ``index`` of ``split``: the same whichever other pages are made, or in what order.
+
+    ``style``: ``plain`` (the original renderer), ``varied`` (a random pen, lettering,
+    spacing and photo per page, as for training) or one of the held-out styles
+    (``sketch_style.HELD_OUT``). The layout and the HTML do not depend on the style.
+    """
+    if style not in STYLES:
+        raise ValueError(f"unknown sketch style {style!r}; choose from {', '.join(STYLES)}")
     rng = random.Random(f"sketch2html/{seed}/{split}/{index}")
     layout = tuple(_with_placeholder(b, INNER) for b in _layout(rng))
-    return SketchPage(f"sketch-{split}-{index:06d}", layout, render_html(layout), draw_sketch(layout, rng))
+    if style == "varied":  # its own RNG, so layouts and the other draws stay as in plain
+        drawn = random_style(random.Random(f"sketch2html-style/{seed}/{split}/{index}"))
+    else:
+        drawn = HELD_OUT.get(style, SketchStyle())
+    return SketchPage(f"sketch-{split}-{index:06d}", layout, render_html(layout), draw_sketch(layout, rng, drawn))
 
 
 def _layout(rng: random.Random) -> tuple[Block, ...]:
@@ -327,20 +342,22 @@ def _font(size: int) -> ImageFont.FreeTypeFont | ImageFont.ImageFont:
 class _Pen:
     """Draws like a quick hand: strokes bow and wobble, box corners overshoot."""
 
-    def __init__(self, image: Image.Image, rng: random.Random, ink: tuple[int, int, int]) -> None:
-        self.draw, self.rng, self.ink = ImageDraw.Draw(image), rng, ink
+    def __init__(self, image: Image.Image, rng: random.Random, ink: tuple[int, int, int], style: SketchStyle) -> None:
+        self.image, self.draw, self.rng, self.ink, self.style = image, ImageDraw.Draw(image), rng, ink, style
 
     def stroke(self, points: Sequence[tuple[float, float]], width: int = 2) -> None:
+        width = max(1, round(width * self.style.pen))
         self.draw.line(list(points), fill=self.ink, width=width, joint="curve")
 
     def line(self, x0: float, y0: float, x1: float, y1: float, width: int = 2) -> None:
         length = math.hypot(x1 - x0, y1 - y0) or 1.0
         nx, ny = -(y1 - y0) / length, (x1 - x0) / length
-        bow, n = self.rng.uniform(-2.0, 2.0), max(2, int(length // 18))
+        wobble = self.style.wobble
+        bow, n = self.rng.uniform(-2.0, 2.0) * wobble, max(2, int(length // 18))
         points = []
         for i in range(n + 1):
             t = i / n
-            off = bow * math.sin(math.pi * t) + self.rng.uniform(-0.8, 0.8)
+            off = bow * math.sin(math.pi * t) + self.rng.uniform(-0.8, 0.8) * wobble
             points.append((x0 + (x1 - x0) * t + nx * off, y0 + (y1 - y0) * t + ny * off))
         self.stroke(points, width)
 
@@ -367,20 +384,45 @@ class _Pen:
     def text(self, x: float, y: float, text: str, size: int) -> float:
         """Write ``text`` with its top-left near ``x, y``; returns its width."""
         font = _font(size)
-        self.draw.text((x + self.rng.uniform(-1, 1), y + self.rng.uniform(-1, 1)), text, fill=self.ink, font=font)
+        x, y = x + self.rng.uniform(-1, 1), y + self.rng.uniform(-1, 1)
+        if self.style.lettered:
+            return self._handwrite(x, y, text, size)
+        self.draw.text((x, y), text, fill=self.ink, font=font)
         return font.getlength(text)
 
+    def _handwrite(self, x: float, y: float, text: str, size: int) -> float:
+        """Letters one by one, each a little off in place, size and spacing, then slanted."""
+        u, jitter = self.rng.uniform, self.style.jitter
+        pad = size
+        mask = Image.new("L", (int(_font(size).getlength(text) * 1.4) + 2 * pad, 2 * size + 2 * pad), 0)
+        draw, cx = ImageDraw.Draw(mask), float(pad)
+        for ch in text:
+            font = _font(max(8, round(size * (1 + 0.04 * jitter * u(-1, 1)))))
+            draw.text((cx + 0.3 * jitter * u(-1, 1), pad + jitter * u(-1, 1)), ch, fill=255, font=font)
+            cx += font.getlength(ch) * (1 + 0.05 * jitter * u(-0.5, 1))
+        base = pad + size  # the baseline stays put; letters above it lean by the slant
+        slant = self.style.slant
+        mask = mask.transform(mask.size, Image.Transform.AFFINE, (1, slant, -slant * base, 0, 1, 0))
+        self.image.paste(self.ink, (round(x) - pad, round(y) - pad), mask)
+        return cx - pad
 
-def draw_sketch(layout: Sequence[Block], rng: random.Random) -> Image.Image:
-    """A hand-drawn-looking wireframe of ``layout``; ``rng`` supplies the wobble."""
-    image = Image.new("RGB", SKETCH_SIZE, (255, 255, 255))
+
+def draw_sketch(layout: Sequence[Block], rng: random.Random, style: SketchStyle | None = None) -> Image.Image:
+    """A hand-drawn-looking wireframe of ``layout`` in ``style``; ``rng`` supplies the wobble."""
+    style = style or SketchStyle()
+    gap = round(GAP * style.spacing)
+    height = 2 * MARGIN + sum(_height(b, INNER) for b in layout) + gap * (len(layout) - 1)
+    # Wide spacing can run past the paper: draw on a taller sheet, then shrink it to fit.
+    image = Image.new("RGB", (SKETCH_SIZE[0], max(SKETCH_SIZE[1], height)), (255, 255, 255))
     inks = ((25, 25, 25), (40, 40, 60), (20, 35, 110), (55, 45, 40))  # pencil, pen, blue biro, brown
-    pen = _Pen(image, rng, rng.choice(inks))
+    ink = rng.choice(inks)
+    pen = _Pen(image, rng, style.ink or ink, style)
     y = MARGIN
     for block in layout:
         _draw(pen, block, MARGIN, y, INNER)
-        y += _height(block, INNER) + GAP
-    return image
+        y += _height(block, INNER) + gap
+    image = fit_on_paper(image, SKETCH_SIZE, style.zoom, rng)
+    return photograph(image, style.photo, rng) if style.photo else image
 
 
 def _draw(pen: _Pen, b: Block, x: int, y: int, w: int, h: int | None = None) -> None:
