@@ -191,7 +191,7 @@ def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
     assert 0.2 < rates[-1] / rates[len(rates) // 2 - 1] < 5, rates
     last = ckpt.list_checkpoints(workspace / "budget")[-1]
     assert last.name == f"step-{fitted[0]:06d}"
-    assert torch.load(last / "trainer.pt", weights_only=False)["steps"] == fitted[0]
+    assert torch.load(last / "trainer.pt", weights_only=True)["steps"] == fitted[0]
     # The apps' bf16 export of the newest checkpoint (what scripts/train_default.sh bundles).
     assert ckpt.export_latest(workspace / "budget", workspace / "budget-bf16") == last
     full, half = (

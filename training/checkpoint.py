@@ -1,9 +1,15 @@
-"""Training checkpoints: written atomically, the last K kept, resumable.
+"""Training checkpoints: written atomically and durably, the last K kept, resumable.
 
 ``dir/step-000500/`` holds ``model/`` (the trainable weights in the ``save_pretrained``
 format the applications load), ``trainer.pt`` (optimiser, scheduler, RNG states, step,
 data position, counters) and ``train_config.json``. A folder is written under a
-temporary name and renamed when complete, so a folder with a final name is whole.
+temporary name, flushed to disk and renamed when complete, so a folder with a final
+name is whole.
+
+``trainer.pt`` holds plain data only (tensors, numbers, strings, lists, dicts) and is
+read with ``torch.load(weights_only=True)``: a run folder from someone else cannot run
+code on resume. Older versions pickled numpy and Python objects there; such files are
+refused, not unpickled.
 """
 
 from __future__ import annotations
@@ -14,22 +20,33 @@ import random
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
-from vlm.factory import save_pretrained
+from vlm.factory import WEIGHTS_FILE, check_finite, load_config, save_pretrained
+from vlm.fileio import load_plain, publish
 
+TRAINER_FILE = "trainer.pt"
+TRAINER_FORMAT = "vlm-trainer/2"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
+PARTIAL_DIR = re.compile(r"^\.step-\d{6,}\.tmp-")  # what a killed save leaves (see save)
 
 
 def list_checkpoints(root: str | os.PathLike) -> list[Path]:
     root = Path(root)
     if not root.is_dir():
         return []
-    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / "trainer.pt").is_file()]
-    return sorted(found, key=lambda p: int(STEP_DIR.match(p.name).group(1)))
+    found = [p for p in root.iterdir() if p.is_dir() and STEP_DIR.match(p.name) and (p / TRAINER_FILE).is_file()]
+    return sorted(found, key=_step)
+
+
+def _step(path: Path) -> int:
+    return int(STEP_DIR.match(path.name).group(1))
 
 
 def export_latest(root: str | os.PathLike, target: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
@@ -46,18 +63,35 @@ def export_latest(root: str | os.PathLike, target: str | os.PathLike, dtype: tor
 
 
 def rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG's state as plain data (lists, numbers, tensors) that
+    ``torch.load(weights_only=True)`` reads back; numpy's key array becomes an int64 tensor."""
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
+        "torch": torch.get_rng_state(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
 def set_rng_state(state: dict) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def remove_partial(root: str | os.PathLike) -> None:
+    """Delete the temporary folders a killed :func:`save` left in ``root`` (only those)."""
+    for p in Path(root).iterdir():
+        if p.is_dir() and PARTIAL_DIR.match(p.name):
+            shutil.rmtree(p, ignore_errors=True)
 
 
 def save(
@@ -66,21 +100,26 @@ def save(
     """Write ``root/step-XXXXXX`` atomically (rank 0 only) and prune to the newest ``keep``."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
+    remove_partial(root)
     final = root / f"step-{step:06d}"
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
     try:
         # save_pretrained reads model.trainable_state_dict(); feed it the gathered tensors.
         save_pretrained(_WithState(model, trainable), tmp / "model")
-        torch.save(trainer_state, tmp / "trainer.pt")
+        torch.save({"format": TRAINER_FORMAT, **trainer_state}, tmp / TRAINER_FILE)
+        # Read it back as resume will: a state that is not plain data fails now, not at resume.
+        load_plain(tmp / TRAINER_FILE, "trainer state")
         (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
         os.chmod(tmp, 0o755)
-        if final.exists():
+        if final.exists():  # a damaged checkpoint that resume fell back past
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        publish(tmp, final)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    for old in list_checkpoints(root)[:-keep]:
+    # Keep the newest ``keep`` up to this step. A newer folder (one that resume fell back
+    # past) is not counted: keeping "the newest" could otherwise delete what we just wrote.
+    for old in [p for p in list_checkpoints(root) if _step(p) <= step][:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -98,13 +137,56 @@ class _WithState:
         return getattr(self._model, name)
 
 
-def resolve_resume(spec: str | None, root: str | os.PathLike) -> Path | None:
+@dataclass
+class Resume:
+    """What a resume needs from a checkpoint folder, read and checked."""
+
+    path: Path
+    state: dict
+    trainable: dict[str, torch.Tensor]
+
+
+def read(path: str | os.PathLike) -> Resume:
+    """Read a checkpoint folder as plain data, checking everything a resume uses; raises
+    when any part is missing, damaged, non-finite or not plain data."""
+    path = Path(path)
+    load_config(path / "model")  # valid JSON, known format, a valid (allow-listed) config
+    trainable = load_file(path / "model" / WEIGHTS_FILE)
+    check_finite(trainable, str(path / "model" / WEIGHTS_FILE))
+    file = path / TRAINER_FILE
+    advice = (
+        "An older vlm version pickled Python objects in trainer.pt; to go on from its weights, start "
+        f"a new run (another --checkpoint.dir, or --checkpoint.resume none) with --model.init_from {path / 'model'}."
+    )
+    state = load_plain(file, "trainer state", advice=advice)
+    found = state.get("format") if isinstance(state, dict) else None
+    if found != TRAINER_FORMAT:
+        raise ValueError(f"{file}: unknown trainer state format {found!r} (expected {TRAINER_FORMAT!r})")
+    return Resume(path, state, trainable)
+
+
+def load_resume(spec: str | None, root: str | os.PathLike, log: Callable[[str], None] = print) -> Resume | None:
+    """The checkpoint to resume from: ``None``/``"none"`` for none, a folder path, or
+    ``"auto"``: the newest readable checkpoint in ``root`` (``None`` if there is none).
+    ``auto`` falls back past unreadable ones and ``log``s which and why; when none is
+    readable it raises rather than start the run afresh over its checkpoints."""
     if spec is None or spec == "none":
         return None
-    if spec == "auto":
-        found = list_checkpoints(root)
-        return found[-1] if found else None
-    path = Path(spec)
-    if not (path / "trainer.pt").is_file():
-        raise FileNotFoundError(f"{path} is not a complete training checkpoint (no trainer.pt)")
-    return path
+    if spec != "auto":
+        path = Path(spec)
+        if not (path / TRAINER_FILE).is_file():
+            raise FileNotFoundError(f"{path} is not a complete training checkpoint (no {TRAINER_FILE})")
+        return read(path)
+    failures = []
+    for path in reversed(list_checkpoints(root)):
+        try:
+            resume = read(path)
+        except Exception as e:  # any damage: truncated or missing file, bad JSON, non-finite, unsafe
+            failures.append(f"{path.name}: {type(e).__name__}: {e}")
+            continue
+        if failures:
+            log(f"checkpoint unreadable, skipped ({'; '.join(failures)}); falling back to {path}")
+        return resume
+    if failures:
+        raise ValueError(f"no readable checkpoint in {root} ({'; '.join(failures)})")
+    return None

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 import vlm
 from vlm.factory import load_trainable
+from vlm.fileio import write_text
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, resolve
@@ -183,9 +184,7 @@ class Logger:
             kept = [
                 line for line in path.read_text(encoding="utf-8").splitlines(keepends=True) if _logged_by(line, start)
             ]
-            tmp = path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(kept), encoding="utf-8")
-            tmp.replace(path)
+            write_text(path, "".join(kept))
         self.jsonl = open(path, "a", encoding="utf-8")  # noqa: SIM115 (closed in close)
         if cfg.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -253,6 +252,14 @@ def load_state(model, core, optimizer, state: dict, trainable: dict, strategy: s
         optimizer.load_state_dict(state["optimizer"])
 
 
+def _say(message: str) -> None:
+    print(message, flush=True)
+
+
+def _quiet(message: str) -> None:
+    pass
+
+
 def fit_steps(step: int, elapsed: float, step_s: float, budget: float, margin: float = 0.9) -> int:
     """How many steps a run at ``step`` fits into ``budget`` seconds, ``elapsed`` of them spent,
     at ``step_s`` seconds a step; ``margin`` of the rest is used (evaluations, checkpoints)."""
@@ -298,13 +305,11 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 and strategy != "fsdp" else nullcontext()
 
     step, epoch, position, bad_total = 0, 0, 0, 0
-    resume = ckpt.resolve_resume(cfg.checkpoint.resume, cfg.checkpoint.dir)
+    # Plain data only (weights_only): a run folder from someone else cannot run code here.
+    resume = ckpt.load_resume(cfg.checkpoint.resume, cfg.checkpoint.dir, log=_say if d.is_main else _quiet)
     if resume is not None:
-        from safetensors.torch import load_file
-
-        state = torch.load(resume / "trainer.pt", map_location="cpu", weights_only=False)
-        trainable = load_file(resume / "model" / "model.safetensors")
-        load_state(model, core, optimizer, state, trainable, strategy)
+        state = resume.state
+        load_state(model, core, optimizer, state, resume.trainable, strategy)
         scheduler.load_state_dict(state["scheduler"])
         ckpt.set_rng_state(state["rng"][d.rank] if d.rank < len(state["rng"]) else state["rng"][0])
         step, epoch, position, bad_total = state["step"], state["epoch"], state["position"], state["bad_steps"]
@@ -312,7 +317,7 @@ def train(cfg: TrainConfig) -> dict:
             cfg.steps = state["steps"]
             scheduler.lr_lambdas = [lr_lambda(cfg.optim, cfg.steps) for _ in optimizer.param_groups]
         if d.is_main:
-            print(f"resumed from {resume} at step {step}", flush=True)
+            print(f"resumed from {resume.path} at step {step}", flush=True)
     fitted = resume is not None and bool(state.get("steps_fitted"))
     fit_at = max(cfg.optim.warmup_steps, 20)
     timed: list[tuple[list[int], float]] = []  # (micro-batch sources, seconds) of the steps timed for the budget
@@ -393,7 +398,8 @@ def train(cfg: TrainConfig) -> dict:
                 "lr": scheduler.get_last_lr()[0],
                 "samples_per_s": rate,
                 "bad_steps": bad_total,
-                "skipped_samples": sum(batches.skipped.values()),
+                "skipped_samples": batches.skipped.skipped(),
+                "truncated_samples": batches.skipped.get("truncated", 0),
                 "epoch": batches.epoch,
             }
             loss_window = []

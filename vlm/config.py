@@ -15,6 +15,63 @@ from typing import Any
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
+# What ``vision.model_kwargs`` may forward to the backbone constructors. A checkpoint's
+# config.json is untrusted input (every tool takes ``--model``), and open_clip and timm
+# take loader options through the same keyword arguments as architecture settings:
+# open_clip's ``weights_only=False`` unpickles ``pretrained``, timm's ``checkpoint_path``
+# loads a file, an HF text tower (``text_cfg.hf_model_name``) or a timm trunk
+# (``vision_cfg.timm_model_name``) fetches a model of the config's choosing. So only
+# architecture settings pass, by name; open_clip's tower configs are checked key by key.
+_OPEN_CLIP_BLOCK = (
+    "layers", "width", "mlp_ratio", "ls_init_value", "final_ln_after_pool", "pool_type", "output_tokens",
+    "block_type", "qk_norm", "scaled_cosine_attn", "scale_heads", "scale_attn_inner", "scale_attn", "scale_fc",
+)  # fmt: skip
+OPEN_CLIP_VISION_CFG = frozenset(
+    _OPEN_CLIP_BLOCK
+    + ("head_width", "patch_size", "image_size", "patch_dropout", "attentional_pool", "attn_pooler_queries")
+    + ("attn_pooler_heads", "no_ln_pre", "pos_embed_type")
+)
+OPEN_CLIP_TEXT_CFG = frozenset(
+    _OPEN_CLIP_BLOCK
+    + ("context_length", "vocab_size", "heads", "embed_cls", "pad_id", "eos_id", "no_causal_mask", "proj_bias")
+    + ("proj_type",)
+)
+VISION_KWARGS: dict[str, dict[str, frozenset[str] | None]] = {
+    "open_clip": {
+        "force_quick_gelu": None,
+        "force_patch_dropout": None,
+        "force_context_length": None,
+        "quick_gelu": None,
+        "embed_dim": None,
+        "vision_cfg": OPEN_CLIP_VISION_CFG,
+        "text_cfg": OPEN_CLIP_TEXT_CFG,
+    },
+    "timm": dict.fromkeys(("img_size", "patch_size", "drop_rate", "drop_path_rate", "dynamic_img_size")),
+}
+"""Per ``vision.kind``: allowed key → ``None`` (a plain value) or the allowed keys of a nested dict."""
+
+
+def _check_kwargs(kwargs: Any, allowed: dict[str, frozenset[str] | None] | frozenset[str], where: str) -> None:
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"{where} must be a dict, got {type(kwargs).__name__}")
+    for key, value in kwargs.items():
+        if key not in allowed:
+            raise ValueError(
+                f"{where}: {key!r} is not allowed (only architecture settings pass through a config, "
+                f"never loader options); allowed: {', '.join(sorted(allowed))}"
+            )
+        nested = allowed.get(key) if isinstance(allowed, dict) else None
+        if nested is not None:
+            _check_kwargs(value, nested, f"{where}.{key}")
+        elif not _plain(value):
+            raise ValueError(f"{where}: {key!r} must be a number, string, boolean or a list of them, got {value!r}")
+
+
+def _plain(value: Any) -> bool:
+    if isinstance(value, list | tuple):
+        return all(_plain(v) and not isinstance(v, list | tuple) for v in value)
+    return value is None or isinstance(value, bool | int | float | str)
+
 
 @dataclass
 class VisionConfig:
@@ -32,7 +89,8 @@ class VisionConfig:
     image_size: int | None = None
     """Input resolution; ``None`` uses the backbone's default."""
     model_kwargs: dict[str, Any] = field(default_factory=dict)
-    """Extra constructor arguments (open_clip config overrides, timm kwargs)."""
+    """Extra architecture arguments (open_clip config overrides, timm kwargs); only the
+    names in :data:`VISION_KWARGS` are accepted, since a config is untrusted input."""
     with_last_stage: bool = False
     """timm conv nets only: give each token the last stage's channels (before the 1×1
     head conv) after the head's. EfficientNet-Lite0's head loses colour: a linear probe
@@ -46,6 +104,7 @@ class VisionConfig:
             raise ValueError("vision.with_last_stage needs a timm conv net (vision.kind 'timm')")
         if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"vision.image_size must be >= 16, got {self.image_size}")
+        _check_kwargs(self.model_kwargs, VISION_KWARGS[self.kind], "vision.model_kwargs")
 
 
 @dataclass

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken
 
 from .config import VLMConfig, get_preset
+from .fileio import fsync, fsync_tree
 from .lm import check_supported_lm, find_decoder, insert_cross_attention
 from .model import VLM
 from .processor import Processor
@@ -146,11 +147,13 @@ def save_pretrained(model: VLM, path: str | os.PathLike, dtype: torch.dtype | No
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
         os.chmod(tmp, 0o755)
+        fsync_tree(tmp)  # on disk before the rename, or a power cut can leave a whole-looking empty folder
         old = None
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
         os.replace(tmp, path)
+        fsync(path.parent)
         if old is not None:
             shutil.rmtree(old)
     except BaseException:
@@ -164,9 +167,13 @@ def load_config(path: str | os.PathLike) -> tuple[VLMConfig, dict]:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a vlm checkpoint folder: {CONFIG_FILE} is missing")
-    meta = json.loads(file.read_text())
-    if meta.get("format") != FORMAT:
-        raise ValueError(f"{file}: unknown checkpoint format {meta.get('format')!r} (expected {FORMAT!r})")
+    try:
+        meta = json.loads(file.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    found = meta.get("format") if isinstance(meta, dict) else None
+    if found != FORMAT:
+        raise ValueError(f"{file}: unknown checkpoint format {found!r} (expected {FORMAT!r})")
     return VLMConfig.from_dict(meta["config"]), meta
 
 
@@ -185,9 +192,19 @@ def load_trainable(model: VLM, state: dict[str, torch.Tensor], source: str = "ch
     for name, param in expected.items():
         if state[name].shape != param.shape:
             raise ValueError(f"{source}: {name} has shape {tuple(state[name].shape)}, model has {tuple(param.shape)}")
+    check_finite(state, source)
     with torch.no_grad():
         for name, param in expected.items():
             param.copy_(state[name])
+
+
+def check_finite(state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Refuse weights with NaN or Inf: they would silently turn every output into NaN
+    (a diverged run's checkpoint, or a damaged file)."""
+    for name, tensor in state.items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            bad = "NaN" if torch.isnan(tensor).any() else "Inf"
+            raise ValueError(f"{source}: {name} holds {bad} values; refusing non-finite weights")
 
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default"

@@ -8,12 +8,14 @@ that tower adds a pooling/projection head we would never use, and its
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 
 import torch
 from torch import nn
 
 from .config import VisionConfig
+from .fileio import load_tensors
 from .registry import EFFICIENTNET_LITE0_PACKAGE, efficientnet_lite0_state_dict
 
 ImageTransform = Callable[..., torch.Tensor]  # PIL.Image -> (C, H, W)
@@ -68,11 +70,7 @@ def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]
         raise ValueError(f"unknown bundled vision weights {cfg.pretrained!r}")
     else:
         model = timm.create_model(cfg.name, pretrained=False, **kwargs)
-        try:
-            state = torch.load(cfg.pretrained, map_location="cpu", weights_only=True)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"vision weights file {cfg.pretrained!r} not found") from None
-        model.load_state_dict(state.get("state_dict", state), strict=True)
+        model.load_state_dict(load_tensors(cfg.pretrained, "vision weights file"), strict=True)
     model.reset_classifier(0)
     data_cfg = timm.data.resolve_model_data_config(model)
     size = cfg.image_size or data_cfg["input_size"][-1]
@@ -113,12 +111,18 @@ def whole_image_transform(size: int, mean, std) -> ImageTransform:
 def _open_clip_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]:
     import open_clip
 
-    extra = {}
+    kwargs = dict(cfg.model_kwargs)  # allow-listed by VisionConfig.validate
     if cfg.image_size is not None:
-        extra["force_image_size"] = cfg.image_size
+        kwargs["force_image_size"] = cfg.image_size
+    pretrained, state = cfg.pretrained, None
+    if pretrained and _is_weights_file(cfg.name, pretrained):
+        # Read a local file ourselves, as plain tensors: open_clip's loader retries a bare
+        # torch.load on a TypeError, and its weights_only is one keyword away.
+        state = load_tensors(pretrained, "vision weights file")
+        pretrained = None
     try:
         model, _, transform = open_clip.create_model_and_transforms(
-            cfg.name, pretrained=cfg.pretrained, **extra, **cfg.model_kwargs
+            cfg.name, pretrained=pretrained, weights_only=True, **kwargs
         )
     except RuntimeError as e:
         if "Unknown model" in str(e) or "Model config" in str(e):
@@ -131,8 +135,41 @@ def _open_clip_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int,
             "set vision.pretrained to the local file path."
         ) from None
     tower = model.visual
+    if state is not None:
+        _load_open_clip_visual(model, state, cfg.pretrained)
     width = _probe_width(tower, transform)
     return tower, transform, width, 0
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+def _is_weights_file(name: str, pretrained: str) -> bool:
+    """Whether open_clip would read ``pretrained`` as a local file (not a pretrained tag)."""
+    from open_clip import get_pretrained_cfg
+
+    if get_pretrained_cfg(name.replace("/", "-"), pretrained):
+        return False  # a tag wins over a file of the same name, as in open_clip
+    if pretrained.endswith((".npz", ".npy")):
+        return False  # big_vision (SigLIP) numpy weights: open_clip reads them with np.load, no pickle
+    looks_like_path = "/" in pretrained or os.sep in pretrained or pretrained.endswith(WEIGHT_SUFFIXES)
+    return looks_like_path or os.path.isfile(pretrained)
+
+
+def _load_open_clip_visual(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Load the image tower's part of a full open_clip state dict (as open_clip's
+    ``load_checkpoint`` would, minus the text tower, which we never use)."""
+    from open_clip.convert import convert_state_dict
+    from open_clip.model import resize_pos_embed
+
+    if next(iter(state), "").startswith("module."):  # saved from a DDP-wrapped model
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    state = convert_state_dict(model, state)  # third-party layouts (MobileCLIP)
+    resize_pos_embed(state, model)  # another image size than the checkpoint's
+    visual = {k.removeprefix("visual."): v for k, v in state.items() if k.startswith("visual.")}
+    if not visual:
+        raise ValueError(f"vision weights file {source!r} holds no image tower ('visual.*') weights")
+    model.visual.load_state_dict(visual, strict=True)
 
 
 def _probe_width(tower: nn.Module, transform: ImageTransform) -> int:
