@@ -266,3 +266,65 @@ def test_bad_arguments(ckpt, tmp_path, capsys):
         main(["--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("usage: vlm-caption")
+
+
+def _tar_member(name: str, data: bytes, declared: int | None = None) -> bytes:
+    import tarfile
+
+    info = tarfile.TarInfo(name)
+    info.size = len(data) if declared is None else declared
+    return info.tobuf(format=tarfile.GNU_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def test_a_member_declaring_a_petabyte_is_one_error_row(ckpt, tmp_path):
+    # A header may claim any size; the data is not there. Reading it used to die (MemoryError, 0 rows).
+    shard = tmp_path / "shard-000000.tar"
+    good = [_tar_member(f"s{i}.png", png_bytes(40 + i)) + _tar_member(f"s{i}.txt", b"a caption") for i in range(2)]
+    shard.write_bytes(b"".join(good) + _tar_member("huge.png", b"", declared=2**50))
+    out = tmp_path / "out.jsonl"
+    assert caption(ckpt, str(shard), "--out", str(out)) == 0
+    rows = read_jsonl(out)
+    assert sorted(rows) == [f"{shard}#huge", f"{shard}#s0", f"{shard}#s1"]
+    assert rows[f"{shard}#s0"]["caption"] and rows[f"{shard}#s1"]["caption"]
+    assert rows[f"{shard}#huge"]["caption"] is None and "member too large" in rows[f"{shard}#huge"]["error"]
+
+
+def test_a_write_error_on_the_output_stops_the_run(ckpt, tmp_path, monkeypatch, capsys):
+    import resource
+
+    image = save(tmp_path / "imgs" / "a.png", 1)
+
+    def limit_memory():
+        # /dev/full reads as endless zeros: a run that reads its output first must hit this limit
+        # and fail, not take the machine's memory.
+        soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+        resource.setrlimit(resource.RLIMIT_AS, (5 * 2**30, hard))
+
+    command = [sys.executable, "-m", "vlm.apps.caption", image, "--out", "/dev/full"]
+    command += ["--model", str(ckpt), "--max-new-tokens", "4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, preexec_fn=limit_memory)
+    assert done.returncode != 0
+    assert "No space left on device" in done.stderr and "Traceback" not in done.stderr, done.stderr[-2000:]
+
+    # A failure after some rows: the run stops at once, and the rows written stay valid for a resume.
+    paths = [save(tmp_path / "many" / f"{i}.png", 50 + i) for i in range(6)]
+    from vlm.apps import caption as app
+
+    writes = []
+    real_write_all = app.write_all
+
+    def failing_write_all(file, records):
+        writes.append(len(records))
+        if len(writes) == 2:
+            raise OSError(5, "Input/output error")
+        real_write_all(file, records)
+
+    monkeypatch.setattr(app, "write_all", failing_write_all)
+    out = tmp_path / "out.jsonl"
+    assert caption(ckpt, str(tmp_path / "many"), "--out", str(out), "--batch-size", "2") != 0
+    assert "Input/output error" in capsys.readouterr().err and len(writes) == 2
+    assert len(read_jsonl(out)) == 2
+    monkeypatch.setattr(app, "write_all", real_write_all)
+    assert caption(ckpt, str(tmp_path / "many"), "--out", str(out), "--batch-size", "2") == 0
+    assert sorted(read_jsonl(out)) == sorted(paths)

@@ -1,5 +1,6 @@
-"""Opening images safely: any PIL mode to RGB, a pixel limit checked before decoding,
-and one clear error type for everything that can go wrong."""
+"""Opening images safely: any PIL mode to RGB, limits on pixels, side and aspect ratio
+checked from the header before decoding, and one clear error type for everything that
+can go wrong."""
 
 from __future__ import annotations
 
@@ -11,14 +12,24 @@ import numpy as np
 from PIL import Image
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
+MAX_SIDE = 16384
+"""Longest side accepted whatever the pixel count: image transforms resize to a square or
+to a shortest side, so a 16,777,216 × 1 line (within the pixel limit) asks for gigabytes."""
+MAX_ASPECT_RATIO = 50
+"""Longest over shortest side. Panoramas and long page screenshots stay well below
+(1280 × 20,000 is ~16:1); beyond it a square model input keeps nothing recognisable, and
+the intermediate image of a resize grows with the ratio."""
 
 
 class ImageError(ValueError):
-    """An input that cannot be used as an image; ``reason`` is a short label."""
+    """An input that cannot be used as an image. ``reason`` says what for a person;
+    ``kind`` is a short label to count: ``empty image``, ``file not found``, ``image too
+    large``, ``image aspect ratio`` or ``corrupt image``."""
 
-    def __init__(self, reason: str, source: str = ""):
+    def __init__(self, reason: str, source: str = "", kind: str | None = None):
         super().__init__(f"{source}: {reason}" if source else reason)
         self.reason = reason
+        self.kind = kind or reason
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -49,9 +60,7 @@ def load_image(source: bytes | str | os.PathLike | IO[bytes], max_pixels: int = 
         source = io.BytesIO(source)
     try:
         image = Image.open(source)
-        width, height = image.size  # from the header, before any pixel is decoded
-        if width * height > max_pixels:
-            raise ImageError(f"image too large ({width}x{height} pixels, limit {max_pixels})", name)
+        check_size(*image.size, max_pixels, name)  # from the header, before any pixel is decoded
         image.load()
         return to_rgb(image)
     except ImageError:
@@ -61,4 +70,17 @@ def load_image(source: bytes | str | os.PathLike | IO[bytes], max_pixels: int = 
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError("image too large", name) from None
     except Exception:  # PIL raises OSError, SyntaxError, ValueError… for broken files
-        raise ImageError("not a readable image (corrupt, truncated or another file type)", name) from None
+        message = "not a readable image (corrupt, truncated or another file type)"
+        raise ImageError(message, name, "corrupt image") from None
+
+
+def check_size(width: int, height: int, max_pixels: int = DEFAULT_MAX_PIXELS, source: str = "") -> None:
+    """Raise :class:`ImageError` for a size that decoding or resizing would pay too much for."""
+    size = f"{width}x{height}"
+    if width * height > max_pixels:
+        raise ImageError(f"image too large ({size} pixels, limit {max_pixels})", source, "image too large")
+    if max(width, height) > MAX_ASPECT_RATIO * min(width, height):
+        message = f"image aspect ratio too extreme ({size}, limit {MAX_ASPECT_RATIO}:1)"
+        raise ImageError(message, source, "image aspect ratio")
+    if max(width, height) > MAX_SIDE:
+        raise ImageError(f"image too large ({size}, longest side limit {MAX_SIDE})", source, "image too large")

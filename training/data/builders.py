@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image
 
 from vlm.registry import cache_dir
+from vlm.tario import DEFAULT_MAX_MEMBER_BYTES
 
 from .decode import IMAGE_EXTS, SkipSample, decode_image
 from .shards import caption_sample, image_bytes, qa_sample, sketch_sample
@@ -27,8 +28,18 @@ EMOJI_VERSION = "16.0.0"
 
 
 def _checked_image(path: Path) -> tuple[bytes, str]:
-    """The file's bytes if it decodes as an image (we keep the original encoding)."""
-    data = path.read_bytes()
+    """The file's bytes if it decodes as an image (we keep the original encoding);
+    FileNotFoundError when it does not exist, SkipSample when it cannot be used."""
+    if path.exists() and not path.is_file():
+        raise SkipSample("not a regular file")  # a folder named x.png, a pipe: reading would fail or block
+    if path.stat().st_size > DEFAULT_MAX_MEMBER_BYTES:
+        raise SkipSample(f"file too large (over {DEFAULT_MAX_MEMBER_BYTES:,} bytes: shard readers refuse it)")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise
+    except OSError as e:
+        raise SkipSample(f"cannot read it ({e.strerror or e})") from None
     decode_image(data)  # raises SkipSample when unusable
     ext = path.suffix.lower().lstrip(".")
     if ext not in ("png", "jpg", "jpeg"):
@@ -44,6 +55,9 @@ def from_folder(folder: str | os.PathLike) -> Iterator[Built]:
         raise FileNotFoundError(f"{folder} is not a folder")
     images = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in (*IMAGE_EXTS, "bmp", "gif"))
     for i, path in enumerate(images):
+        if not path.is_file():
+            yield None, f"{path}: not a regular file"
+            continue
         caption_file = path.with_suffix(".txt")
         if not caption_file.is_file():
             yield None, f"{path}: no caption file {caption_file.name}"

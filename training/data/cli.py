@@ -17,9 +17,11 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
+from vlm.tario import ShardError, iter_tar_samples
+
 from . import builders
-from .decode import SkipCounter, SkipSample, decode_sample
-from .shards import FORMATS, ShardWriter, expand_shards, iter_tar, shard_pattern
+from .decode import SkipCounter, decode_sample, skip_reason
+from .shards import FORMATS, ShardWriter, as_raw, expand_shards, shard_pattern
 
 MAX_REPORTED = 20
 
@@ -49,15 +51,36 @@ def write(samples: Iterator[builders.Built], out: str, prefix: str, shard_size: 
 
 
 def inspect(spec: str, kind: str) -> int:
+    """Read shards back and count usable samples, and the others by reason. Damage of any
+    kind (a missing, truncated or non-tar shard, a forged member size, a bad sample) is
+    counted and reported by name, and the count goes on."""
     counts = SkipCounter()
     good = 0
-    for path in tqdm(expand_shards(spec), desc="shards", unit=" shards"):
-        for raw in iter_tar(path):
-            try:
-                decode_sample(raw, kind)
-                good += 1
-            except SkipSample as e:
-                counts[e.reason] += 1
+    damaged: list[str] = []
+
+    def report(path: str, reason: str, message: str) -> None:
+        counts[reason] += 1
+        damaged.append(path)
+        if len(damaged) <= MAX_REPORTED:
+            tqdm.write(message, file=sys.stderr)
+
+    for path in tqdm(expand_shards(spec, must_exist=False), desc="shards", unit=" shards"):
+        try:
+            for sample in iter_tar_samples(path):
+                if sample.problem:
+                    report(path, sample.problem, f"{path}: {sample.problem} ({sample.detail})")
+                    continue
+                try:
+                    decode_sample(as_raw(sample), kind)
+                    good += 1
+                except MemoryError:
+                    raise
+                except Exception as e:  # one sample's problem, as in the loader
+                    counts[skip_reason(e)] += 1
+        except ShardError as e:
+            report(path, e.reason, str(e))  # names the shard
+    if len(damaged) > MAX_REPORTED:
+        print(f"... and {len(damaged) - MAX_REPORTED} more damaged shards or members", file=sys.stderr)
     print(f"{good} usable samples; {counts.summary()}")
     return 0
 

@@ -1,7 +1,8 @@
 """Turning raw shard samples into model examples, robustly.
 
-Anything wrong with a sample (an image that is corrupt, truncated, too large or of an
-odd mode that cannot be converted; a missing member; bad JSON; empty text) raises
+Anything wrong with a sample (an image that is corrupt, truncated, too large, of an
+extreme shape or of an odd mode that cannot be converted; a missing member; bad or too
+deeply nested JSON; empty or huge text; a prompt too long for the token cap) raises
 :class:`SkipSample` with a short reason; the loader counts reasons and carries on.
 """
 
@@ -14,9 +15,17 @@ from dataclasses import dataclass
 from PIL import Image
 
 from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vlm.model import IGNORE_INDEX
 from vlm.processor import CAPTION_PROMPT, SKETCH_PROMPT, Processor, Segment
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+MAX_TEXT_BYTES = 1024 * 1024
+"""Largest text member (``.txt``, ``.json``, ``.html``) decoded. Samples are capped at a few
+thousand tokens anyway (:attr:`SourceConfig.max_tokens`), a few tens of KB of text; a
+member past this is not a sample but a mistake, and decoding and tokenising it would cost
+hundreds of MB and seconds."""
+NOT_SKIPS = frozenset({"truncated"})
+"""Counted reasons whose sample was kept (shortened), not skipped."""
 
 
 class SkipSample(Exception):
@@ -40,9 +49,7 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     try:
         return load_image(data, max_pixels)
     except ImageError as e:
-        if e.reason == "empty image":
-            raise SkipSample("empty image") from None
-        raise SkipSample("image too large" if "too large" in e.reason else "corrupt image") from None
+        raise SkipSample(e.kind) from None
 
 
 def _image_member(sample: dict) -> bytes:
@@ -55,9 +62,11 @@ def _image_member(sample: dict) -> bytes:
 def _json(sample: dict) -> dict:
     if "json" not in sample:
         raise SkipSample("missing json")
+    if len(sample["json"]) > MAX_TEXT_BYTES:
+        raise SkipSample("text too large")
     try:
         value = json.loads(sample["json"])
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):  # [[[…]]] deeper than Python's stack
         raise SkipSample("bad json") from None
     if not isinstance(value, dict):
         raise SkipSample("bad json")
@@ -67,6 +76,8 @@ def _json(sample: dict) -> dict:
 def _text(data: bytes | None, what: str) -> str:
     if data is None:
         raise SkipSample(f"missing {what}")
+    if len(data) > MAX_TEXT_BYTES:
+        raise SkipSample("text too large")
     try:
         text = data.decode("utf-8").strip()
     except UnicodeDecodeError:
@@ -103,7 +114,8 @@ def decode_sample(sample: dict, kind: str, max_pixels: int = DEFAULT_MAX_PIXELS)
                 raise SkipSample("bad items")
             if "image" in item:
                 name = str(item["image"])
-                if name not in sample:
+                if not isinstance(sample.get(name), bytes):
+                    # Only a member: "__key__" or "__url__" would be read as a path on this machine.
                     raise SkipSample("missing image")
                 images.append(decode_image(sample[name], max_pixels))
         if not images or not any(str(i.get("text", "")).strip() for i in items):
@@ -121,22 +133,46 @@ def example_segments(processor: Processor, ex: Example) -> list[Segment]:
         return processor.chat_segments([(SKETCH_PROMPT, ex.text)])
     if ex.kind == "qa":
         return processor.chat_segments(ex.turns)
-    parts, open_chunk = [], False
-    for item in ex.items:
-        if "image" in item:
-            parts.append((processor.end_of_chunk_token if open_chunk else "") + processor.image_token)
-            open_chunk = True
-        else:
-            parts.append(str(item["text"]))
-    if open_chunk:
-        parts.append(processor.end_of_chunk_token)
-    return processor.interleaved_segments("".join(parts))
+    # The items, not a joined string: text items stay text whatever they contain.
+    return processor.interleaved_segments(ex.items)
+
+
+def fit_tokens(ids: list[int], labels: list[int], max_tokens: int) -> tuple[list[int], list[int], bool]:
+    """Cut one tokenised sample to ``max_tokens``: ``(ids, labels, truncated)``.
+
+    The end goes: trained text loses its tail, which still teaches everything before it.
+    The untrained start (prompt, image markers) cannot be cut without making the sample
+    meaningless, so when it leaves no trained token within the cap the sample is skipped
+    (``too long``). A cut never ends on untrained tokens: those would teach nothing."""
+    if len(ids) <= max_tokens:
+        return ids, labels, False
+    first = next((i for i, label in enumerate(labels) if label != IGNORE_INDEX), len(labels))
+    if first >= max_tokens:
+        raise SkipSample("too long")
+    ids, labels = ids[:max_tokens], labels[:max_tokens]
+    while labels[-1] == IGNORE_INDEX:
+        ids.pop()
+        labels.pop()
+    return ids, labels, True
+
+
+def skip_reason(error: Exception) -> str:
+    """The countable reason for any exception raised by one sample's decoding or tokenising."""
+    if isinstance(error, SkipSample):
+        return error.reason
+    if isinstance(error, ValueError):  # the processor's refusals (e.g. a chat template that fails on the text)
+        return "unusable text"
+    return f"decode error: {type(error).__name__}"
 
 
 class SkipCounter(Counter):
-    """Skipped samples by reason."""
+    """Samples by the reason they were skipped, plus the kept-but-shortened ones
+    (:data:`NOT_SKIPS`, e.g. ``truncated``), which are reported apart."""
+
+    def skipped(self) -> int:
+        return sum(v for k, v in self.items() if k not in NOT_SKIPS)
 
     def summary(self) -> str:
-        if not self:
-            return "no samples skipped"
-        return f"skipped {sum(self.values())}: " + ", ".join(f"{k} {v}" for k, v in sorted(self.items()))
+        skips = ", ".join(f"{k} {v}" for k, v in sorted(self.items()) if k not in NOT_SKIPS and v)
+        text = f"skipped {self.skipped()}: {skips}" if skips else "no samples skipped"
+        return text + "".join(f"; kept {v} {k}" for k, v in sorted(self.items()) if k in NOT_SKIPS and v)

@@ -3,27 +3,48 @@ mixed from weighted sources, decoded robustly and tokenised in the worker proces
 
 Each batch is a dict of padded tensors (``input_ids``, ``attention_mask``, ``labels``
 (B, S); ``images`` (B, T, C, H, W)), the samples' ``keys``, and ``skipped``: the
-samples this worker skipped since its previous batch, by reason, so the trainer can
-add them up and report them.
+samples this worker skipped (or kept truncated) since its previous batch, by reason, so
+the trainer can add them up and report them.
+
+Nothing in the data stops the stream. Shards are read with :mod:`vlm.tario`, which checks
+every declared size; damage is counted by reason. Any exception while decoding or
+tokenising one sample is that sample's problem: it is counted (``decode error: KeyError``
+where no more specific reason exists) and the sample skipped. Only failures of the run
+itself stop it: MemoryError (a sample that would need an absurd allocation is refused
+before allocating), KeyboardInterrupt, a bad configuration. In resampled mode, a source
+that keeps giving nothing usable is dropped from the mixture with a warning rather than
+drawn from forever.
 """
 
 from __future__ import annotations
 
+import itertools
+import logging
 import math
 import os
 import random
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import torch
-import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.processor import Processor
+from vlm.tario import ShardError, iter_tar_samples
 
-from .decode import DEFAULT_MAX_PIXELS, SkipCounter, SkipSample, decode_sample, example_segments
-from .shards import FORMATS, expand_shards
+from .decode import (
+    DEFAULT_MAX_PIXELS,
+    MAX_TEXT_BYTES,
+    SkipCounter,
+    decode_sample,
+    example_segments,
+    fit_tokens,
+    skip_reason,
+)
+from .shards import FORMATS, as_raw, expand_shards
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -40,12 +61,20 @@ class SourceConfig:
     """Keep only samples whose text members (``.json``, ``.txt``, ``.html``) match this
     regular expression, case-insensitive: ``"colou?r|red|teal"`` picks easy-VQA's colour
     questions. Samples left out are not counted as skipped."""
+    max_tokens: int = 2048
+    """Most tokens of one sample, image markers included. A longer sample keeps its start
+    and loses the end of its trained text (counted as ``truncated``); one whose untrained
+    prompt leaves no trained token within the cap is skipped (``too long``). 2048 holds any
+    caption, question or compact page here and bounds a batch, which pads to its longest
+    sample; lower it for an LM with a shorter context."""
 
     def validate(self) -> None:
         if self.kind not in FORMATS:
             raise ValueError(f"source {self.shards}: kind must be one of {FORMATS}, got {self.kind!r}")
         if self.weight <= 0:
             raise ValueError(f"source {self.shards}: weight must be > 0, got {self.weight}")
+        if self.max_tokens < 1:
+            raise ValueError(f"source {self.shards}: max_tokens must be >= 1, got {self.max_tokens}")
         if self.select is not None:
             try:
                 re.compile(self.select)
@@ -53,16 +82,19 @@ class SourceConfig:
                 raise ValueError(f"source {self.shards}: select is not a regular expression: {e}") from None
 
 
-def _selected(samples: Iterator[dict], pattern: str) -> Iterator[dict]:
+def _matcher(pattern: str) -> Callable[[dict], bool]:
     regex = re.compile(pattern, re.IGNORECASE)
-    for sample in samples:
+
+    def wanted(sample: dict) -> bool:
+        # The start of a huge member is enough: the decoder refuses such a sample anyway.
         text = " ".join(
-            v.decode("utf-8", "replace")
+            v[:MAX_TEXT_BYTES].decode("utf-8", "replace")
             for k, v in sample.items()
             if k in ("json", "txt", "html") and isinstance(v, bytes)
         )
-        if regex.search(text):
-            yield sample
+        return regex.search(text) is not None
+
+    return wanted
 
 
 @dataclass
@@ -83,6 +115,12 @@ class LoaderConfig:
     drop_last: bool = True
     """Drop the last, smaller batch of an epoch instead of yielding it."""
     seed: int = 0
+    barren_shards: int = 16
+    """Resampled mode: a source whose last ``barren_shards`` distinct shards in a row (all its
+    shards, when it has fewer) gave no usable sample is dropped from the mixture with a
+    warning that names it and why; with no source left the loader raises. Drawing from it
+    would otherwise go on forever. With replacement, a source whose shards are half bad
+    gives 16 bad ones in a row about once in 65,000 draws: raise it for such a source."""
 
     def validate(self) -> None:
         if not self.sources:
@@ -95,10 +133,76 @@ class LoaderConfig:
             raise ValueError(f"mix must be 'batch' or 'sample', got {self.mix!r}")
         if self.resampled and not self.epoch_batches:
             raise ValueError("resampled mode needs epoch_batches")
+        if self.barren_shards < 1:
+            raise ValueError(f"barren_shards must be >= 1, got {self.barren_shards}")
 
 
-def _identity(urls):
-    return urls
+class _Barren(Exception):
+    """A resampled source gave no usable sample from too many shards in a row."""
+
+
+@dataclass
+class _ShardTally:
+    url: str
+    samples: int | None = None  # passed on to decoding; None while the shard is still read
+    decoded: int = 0
+    usable: bool = False
+
+
+class _BarrenWatch:
+    """Per source in resampled mode: raises :class:`_Barren` after ``limit`` distinct shards
+    in a row end without a usable sample.
+
+    A shard is judged once all its samples are decoded, in the order shards were opened:
+    the shuffle buffer reads ahead, and while a shard's samples wait there, empty shards
+    opened after it must not count as a run."""
+
+    def __init__(self, limit: int):
+        self.limit = limit
+        self.tallies: dict[int, _ShardTally] = {}  # by serial, in opening order
+        self.serial = 0
+        self.barren: set[str] = set()
+        self.reasons = SkipCounter()  # why nothing was usable, since the last usable sample
+
+    def opened(self, url: str) -> int:
+        self.serial += 1
+        self.tallies[self.serial] = _ShardTally(url)
+        return self.serial
+
+    def read(self, serial: int, samples: int) -> None:
+        self.tallies[serial].samples = samples
+        self._judge()
+
+    def decoded(self, serial: int, reason: str | None) -> None:
+        tally = self.tallies[serial]
+        tally.decoded += 1
+        if reason is None:
+            tally.usable = True
+            self.reasons.clear()
+        else:
+            self.reasons[reason] += 1
+        self._judge()
+
+    def _judge(self) -> None:
+        while self.tallies:
+            serial, tally = next(iter(self.tallies.items()))
+            if tally.samples is None or tally.decoded < tally.samples:
+                return
+            del self.tallies[serial]
+            if tally.usable:
+                self.barren.clear()
+                continue
+            self.barren.add(tally.url)
+            if len(self.barren) >= self.limit:
+                raise _Barren
+
+
+@dataclass
+class _Source:
+    index: int
+    config: SourceConfig
+    stream: Iterator[dict]
+    watch: _BarrenWatch | None  # resampled mode only: a finite pass ends by itself
 
 
 def dist_info() -> tuple[int, int]:
@@ -130,29 +234,45 @@ class ShardStream(IterableDataset):
         info = get_worker_info()
         return (0, 1) if info is None else (info.id, info.num_workers)
 
-    def _raw_samples(self, urls: list[str], rng: random.Random, skipped: SkipCounter) -> Iterator[dict]:
-        def count_and_continue(exn: Exception) -> bool:
-            skipped["unreadable shard data"] += 1
-            return True
+    def _raw_samples(
+        self,
+        source: SourceConfig,
+        urls: list[str],
+        rng: random.Random,
+        skipped: SkipCounter,
+        watch: _BarrenWatch | None,
+    ) -> Iterator[dict]:
+        """The source's samples that pass ``select``, each tagged with its shard's serial
+        (``__shard__``); damaged members and shards are counted, never raised."""
 
-        if self.cfg.resampled:
+        def damaged(reason: str) -> None:
+            skipped[reason] += 1
+            if watch:
+                watch.reasons[reason] += 1
 
-            def endless():
-                while True:
-                    yield rng.choice(urls)
-
-            shard_iter = endless()
-        else:
-            shard_iter = iter(urls)
-        for url in shard_iter:
-            yield from wds.WebDataset(
-                url,
-                shardshuffle=False,
-                nodesplitter=_identity,
-                workersplitter=_identity,
-                handler=count_and_continue,
-                empty_check=False,
-            )
+        wanted = _matcher(source.select) if source.select else None
+        shards = (rng.choice(urls) for _ in itertools.count()) if self.cfg.resampled else iter(urls)
+        for url in shards:
+            serial = watch.opened(url) if watch else 0
+            passed = left_out = 0
+            try:
+                for sample in iter_tar_samples(url):
+                    if sample.problem:
+                        damaged(sample.problem)
+                        continue
+                    raw = as_raw(sample)
+                    if wanted is not None and not wanted(raw):
+                        left_out += 1
+                        continue
+                    raw["__shard__"] = serial
+                    passed += 1
+                    yield raw
+            except ShardError as e:
+                damaged(e.reason)
+            if watch:
+                if left_out and not passed:
+                    watch.reasons[f"no sample matches select {source.select!r}"] += 1
+                watch.read(serial, passed)
 
     def _shuffled(self, samples: Iterator[dict], rng: random.Random) -> Iterator[dict]:
         size = self.cfg.shuffle_buffer
@@ -179,56 +299,83 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.cfg.seed}-{self.epoch}-{index}-{self.rank}-{worker}").shuffle(mine)
         return mine
 
+    def _encode(self, raw: dict, source: SourceConfig) -> tuple[list[int], list[int], list[torch.Tensor], bool]:
+        """``(ids, labels, pixels, truncated)`` of one sample, or an exception saying why not."""
+        example = decode_sample(raw, source.kind, self.cfg.max_pixels)
+        ids, labels = self.processor.encode(example_segments(self.processor, example))
+        ids, labels, truncated = fit_tokens(ids, labels, source.max_tokens)
+        # Only the images whose marker survived a cut are transformed and fed.
+        n_images = sum(t == self.processor.image_token_id for t in ids)
+        return ids, labels, self.processor.transform_images(example.images[:n_images]), truncated
+
+    def _dropped(self, source: _Source) -> str:
+        """Names a barren source and why, in a warning now (and in the error if none is left)."""
+        why = ", ".join(f"{k} {v}" for k, v in sorted(source.watch.reasons.items())) or "no samples"
+        cfg = source.config
+        what = f"{cfg.shards} ({cfg.kind}): no usable sample in {source.watch.limit} of its shards in a row ({why})"
+        log.warning("data source %s dropped from the mixture", what)
+        return what
+
     def __iter__(self) -> Iterator[dict]:
         worker, workers = self._worker()
         rng = random.Random(f"{self.cfg.seed}-{self.epoch}-{self.rank}-{worker}")
         skipped = SkipCounter()
-        streams, weights = [], []
-        for i, source in enumerate(self.cfg.sources):
+        sources: list[_Source] = []
+        for i, config in enumerate(self.cfg.sources):
             urls = self._source_urls(i, worker, workers)
             if urls:
-                samples = self._raw_samples(urls, rng, skipped)
-                if source.select:
-                    samples = _selected(samples, source.select)
-                stream = self._shuffled(samples, rng)
-                streams.append((i, source.kind, stream))
-                weights.append(source.weight)
+                watch = _BarrenWatch(min(self.cfg.barren_shards, len(set(urls)))) if self.cfg.resampled else None
+                stream = self._shuffled(self._raw_samples(config, urls, rng, skipped, watch), rng)
+                sources.append(_Source(i, config, stream, watch))
         limit = math.inf
         if self.cfg.epoch_batches:
             limit = math.ceil(self.cfg.epoch_batches / workers)
         encoded, pixels, keys, batches = [], [], [], 0
         origins: set[int] = set()  # the sources in the batch being filled
+        dropped: list[str] = []
         current = None
-        while streams and batches < limit:
+        while sources and batches < limit:
             if current is None or self.cfg.mix == "sample":
-                current = rng.choices(range(len(streams)), weights)[0] if len(streams) > 1 else 0
-            j = current
-            source_index, kind, stream = streams[j]
+                weights = [s.config.weight for s in sources]
+                current = rng.choices(range(len(sources)), weights)[0] if len(sources) > 1 else 0
+            source = sources[current]
             try:
-                raw = next(stream)
-            except StopIteration:
-                del streams[j], weights[j]
+                raw = next(source.stream)
+            except (StopIteration, _Barren) as end:
+                if isinstance(end, _Barren):
+                    dropped.append(self._dropped(source))
+                del sources[current]
                 current = None
                 continue
+            reason = None
             try:
-                example = decode_sample(raw, kind, self.cfg.max_pixels)
-                ids, labels = self.processor.encode(example_segments(self.processor, example))
-                n_images = sum(t == self.processor.image_token_id for t in ids)
-                px = self.processor.transform_images(example.images)[:n_images]
-            except SkipSample as e:
-                skipped[e.reason] += 1
+                ids, labels, px, truncated = self._encode(raw, source.config)
+            except MemoryError:
+                raise
+            except Exception as e:  # whatever one sample provokes is that sample's problem, not the run's
+                reason = skip_reason(e)
+            if source.watch is not None:
+                try:
+                    source.watch.decoded(raw["__shard__"], reason)
+                except _Barren:
+                    dropped.append(self._dropped(source))
+                    del sources[current]
+                    current = None
+            if reason is not None:
+                skipped[reason] += 1
                 continue
-            except ValueError:
-                skipped["unusable text"] += 1
-                continue
+            if truncated:
+                skipped["truncated"] += 1
             encoded.append((ids, labels))
             pixels.append(px)
             keys.append(raw.get("__key__", ""))
-            origins.add(source_index)
+            origins.add(source.index)
             if len(encoded) == self.cfg.batch_size:
                 yield self._batch(encoded, pixels, keys, skipped, origins)
                 encoded, pixels, keys, batches = [], [], [], batches + 1
                 origins, current = set(), None
+        if dropped and not sources:
+            raise RuntimeError("no usable samples from any data source: " + "; ".join(dropped))
         if encoded and not self.cfg.drop_last and batches < limit:
             yield self._batch(encoded, pixels, keys, skipped, origins)
         elif skipped:

@@ -24,6 +24,8 @@ from pathlib import Path
 import webdataset as wds
 from PIL import Image
 
+from vlm.tario import ShardError, TarSample, iter_tar_samples
+
 FORMATS = ("caption", "qa", "interleaved", "sketch")
 
 
@@ -146,8 +148,9 @@ def shard_pattern(paths: Iterable[Path]) -> str:
     return str(paths[0].parent / f"{stem}-{{{first}..{last}}}.tar")
 
 
-def expand_shards(spec: str | os.PathLike) -> list[str]:
-    """Shard paths from a brace pattern, a folder (all its ``.tar`` files) or one file."""
+def expand_shards(spec: str | os.PathLike, must_exist: bool = True) -> list[str]:
+    """Shard paths from a brace pattern, a folder (all its ``.tar`` files) or one file.
+    ``must_exist=False`` keeps the missing ones, for a reader that reports them itself."""
     spec = str(spec)
     if os.path.isdir(spec):
         found = sorted(str(p) for p in Path(spec).glob("*.tar"))
@@ -158,11 +161,21 @@ def expand_shards(spec: str | os.PathLike) -> list[str]:
 
     paths = list(braceexpand.braceexpand(spec))
     missing = [p for p in paths if not os.path.exists(p)]
-    if missing:
+    if missing and must_exist:
         raise FileNotFoundError(f"{len(missing)} shard(s) of {spec} do not exist, e.g. {missing[0]}")
     return paths
 
 
 def iter_tar(path: str | os.PathLike) -> Iterator[dict]:
-    """Raw samples of one shard (for tests and tools): ``{"__key__", ext: bytes}``."""
-    yield from wds.WebDataset(str(path), shardshuffle=False, empty_check=False)
+    """Raw samples of one shard (for tests and tools): ``{"__key__", ext: bytes}``. Any
+    damage raises :class:`~vlm.tario.ShardError`; readers that carry on past damage use
+    :func:`~vlm.tario.iter_tar_samples` and count its problems."""
+    for sample in iter_tar_samples(path):
+        if sample.problem:
+            raise ShardError(sample.problem, f"{path}: {sample.detail}")
+        yield as_raw(sample)
+
+
+def as_raw(sample: TarSample) -> dict:
+    """A shard sample as the decoder takes it: ``{"__key__", ext: bytes}``."""
+    return {**sample.members, "__key__": sample.key}  # the key last: a member named "x.__key__" cannot replace it

@@ -14,11 +14,12 @@ import fcntl
 import io
 import json
 import os
+import stat
 import sys
-import tarfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
@@ -33,6 +34,7 @@ from vlm.generate import GenerationConfig, generate
 from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 from vlm.model import VLM
 from vlm.processor import CAPTION_PROMPT, Processor
+from vlm.tario import ShardError, iter_tar_samples
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 CSV_HEADER = ["path", "caption", "error"]
@@ -46,6 +48,10 @@ class Failure:
 
 
 Source = str | bytes | Failure
+
+
+class OutputError(Exception):
+    """Writing the output failed (disk full, I/O error, a closed pipe): the run stops."""
 
 
 def caption_images(
@@ -120,35 +126,21 @@ def collect_inputs(args: Sequence[str], lists: Sequence[str]) -> tuple[list[str]
     return unique, list(dict.fromkeys(os.path.normpath(p) for p in shards)), problems
 
 
-def _tar_samples(shard: str) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """(key, {extension: bytes}) per sample of a webdataset shard, read with the standard
-    library (vlm itself does not depend on webdataset): members sharing the name before
-    the first dot form one sample, and a sample's members are consecutive."""
-    key, members = None, {}
-    with tarfile.open(shard, "r:*") as tar:
-        for info in tar:
-            if not info.isfile():
-                continue
-            folder, _, base = info.name.rpartition("/")
-            stem, _, ext = base.partition(".")
-            name = f"{folder}/{stem}" if folder else stem
-            if name != key and key is not None:
-                yield key, members
-                members = {}
-            key = name
-            members[ext.lower()] = tar.extractfile(info).read()
-    if key is not None:
-        yield key, members
-
-
 def _shard_items(shard: str) -> Iterator[tuple[str, Source]]:
+    """One item per sample of a webdataset shard (read by :mod:`vlm.tario`, which checks every
+    declared size): a sample with a bad member is an error row of its own, and a shard that
+    cannot be read on (truncated, not a tar) one row for the shard after the samples before."""
     try:
-        for key, members in _tar_samples(shard):
+        for sample in iter_tar_samples(shard):
+            row = f"{shard}#{sample.key}"
+            if sample.problem:
+                yield row, Failure(f"{sample.problem} ({sample.detail})")
+                continue
+            members = sample.members
             image = next((m for m in members if m.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp")), None)
-            row = f"{shard}#{key}"
             yield row, members[image] if image else Failure(f"no image in sample (members: {', '.join(members)})")
-    except (tarfile.TarError, OSError, EOFError) as e:  # a truncated or non-tar shard: one row for the shard
-        yield shard, Failure(f"unreadable shard ({type(e).__name__}: {e})")
+    except ShardError as e:
+        yield shard, Failure(f"unreadable shard ({e})")
 
 
 def _decode(source: Source, max_pixels: int) -> tuple[Image.Image | None, str | None]:
@@ -239,13 +231,19 @@ def encode_row(fmt: str, path: str, caption: str | None, error: str | None) -> b
     return buffer.getvalue().encode("utf-8", "surrogateescape")
 
 
+def _is_regular(file: IO[bytes]) -> bool:
+    return stat.S_ISREG(os.fstat(file.fileno()).st_mode)
+
+
 def write_all(file: IO[bytes], records: Iterable[bytes]) -> None:
+    """Write and sync; an OSError (ENOSPC, EIO, a closed pipe) propagates: the run must stop."""
     for record in records:
         view = memoryview(record)
         while view:  # an unbuffered write may be partial
             view = view[file.write(view) :]
     file.flush()
-    os.fsync(file.fileno())
+    if _is_regular(file):  # a pipe or a device cannot be synced (EINVAL)
+        os.fsync(file.fileno())
 
 
 def open_output(path: Path, fmt: str) -> tuple[IO[bytes], set[str]]:
@@ -258,17 +256,26 @@ def open_output(path: Path, fmt: str) -> tuple[IO[bytes], set[str]]:
     except BlockingIOError:
         file.close()
         raise ValueError("another vlm-caption run is writing it") from None
-    file.seek(0)
-    data = file.read()
-    try:
-        ids, keep = scan_output(data, fmt)
-    except ValueError:
-        file.close()
-        raise
-    if keep < len(data):
-        file.truncate(keep)
+    ids: set[str] = set()
+    keep = 0
+    # Only a regular file holds earlier rows: a device or pipe (/dev/stdout, /dev/full) has
+    # nothing to resume from, and reading /dev/full or /dev/zero never ends.
+    if _is_regular(file):
+        file.seek(0)
+        data = file.read()
+        try:
+            ids, keep = scan_output(data, fmt)
+        except ValueError:
+            file.close()
+            raise
+        if keep < len(data):
+            file.truncate(keep)
     if keep == 0 and fmt == "csv":
-        write_all(file, [encode_row("csv", *CSV_HEADER)])
+        try:
+            write_all(file, [encode_row("csv", *CSV_HEADER)])
+        except OSError:
+            file.close()
+            raise
     return file, ids
 
 
@@ -352,7 +359,10 @@ def main(argv: list[str] | None = None) -> int:
             encode_row(fmt, item_id, None if image is None else next(captions), error)
             for item_id, image, error in pending
         ]
-        write_all(out, records)
+        try:
+            write_all(out, records)
+        except OSError as e:
+            raise OutputError(e.strerror or str(e)) from e
         captioned += len(images)
         failed += len(pending) - len(images)
         progress.update(len(pending))
@@ -369,8 +379,11 @@ def main(argv: list[str] | None = None) -> int:
                 yield item_id, source
 
     try:
-        with out, tqdm(total=todo, unit=" images", disable=None, dynamic_ncols=True) as progress:
-            stream = decoded(fresh(), args.max_pixels, lookahead=2 * args.batch_size)
+        with (
+            out,
+            tqdm(total=todo, unit=" images", disable=None, dynamic_ncols=True) as progress,
+            closing(decoded(fresh(), args.max_pixels, lookahead=2 * args.batch_size)) as stream,
+        ):
             ready = 0
             for item_id, image, error in stream:
                 pending.append((item_id, image, error))
@@ -384,6 +397,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: run the same command again to resume {args.out}", file=sys.stderr)
         return 130
+    except OutputError as e:
+        # Reading on would caption inputs whose rows are lost. Rows already written are whole
+        # (a cut last one is dropped on resume), so the same command resumes once there is room.
+        print(f"{parser.prog}: error: cannot write to {args.out} ({e}); stopped", file=sys.stderr)
+        return 1
     print(f"done {captioned}, skipped {skipped} (already in {args.out}), failed {failed}")
     return 0
 
