@@ -26,6 +26,21 @@ def make_model(tiny_lm_dirs):
     return build
 
 
+@pytest.fixture
+def trained_model(make_model):
+    """A tiny model whose adapter does something (non-zero gates, perturbed weights)."""
+
+    def build(family="llama", **kwargs):
+        model, processor = make_model(family, **kwargs)
+        set_gates(model, 0.8)
+        with torch.no_grad():
+            for p in model.trainable_state_dict().values():
+                p.add_(torch.randn_like(p) * 0.1)
+        return model, processor
+
+    return build
+
+
 def shape_image(color, shape="circle", size=48, seed=None):
     image = Image.new("RGB", (size, size), "white")
     draw = ImageDraw.Draw(image)

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from conftest import set_gates, shape_image
+from conftest import shape_image
 from torch import nn
 
 from vlm.chat import Chat
@@ -16,21 +16,6 @@ PROMPTS = ["<image>a red", "the cat <image>sits on <image>the", "<image>what"]
 
 def _images():
     return [[shape_image("red")], [shape_image("blue"), shape_image("green", "square")], [shape_image("cyan")]]
-
-
-@pytest.fixture
-def trained_model(make_model):
-    """A tiny model whose adapter does something (non-zero gates, perturbed weights)."""
-
-    def build(family="llama", **kwargs):
-        model, processor = make_model(family, **kwargs)
-        set_gates(model, 0.8)
-        with torch.no_grad():
-            for p in model.trainable_state_dict().values():
-                p.add_(torch.randn_like(p) * 0.1)
-        return model, processor
-
-    return build
 
 
 NO_STOP = GenerationConfig(max_new_tokens=12, stop_token_ids=())

@@ -106,7 +106,14 @@ class GenerationResult:
 def _stop_ids(model: VLM, tokenizer, cfg: GenerationConfig) -> set[int]:
     if cfg.stop_token_ids is not None:
         return set(cfg.stop_token_ids)
-    ids = {model.end_of_chunk_token_id}
+    # An answer is text, so it ends where the model starts structure: EOS, <|endofchunk|>
+    # and any other special token, e.g. a chat template's <|im_start|> (a new turn the
+    # model would write for the user) or <image> (which would also claim an image the
+    # request does not have). Decoding drops special tokens, so text after one would
+    # otherwise read as part of the answer.
+    ids = {model.end_of_chunk_token_id, model.image_token_id}
+    if tokenizer is not None:
+        ids.update(i for i, token in tokenizer.added_tokens_decoder.items() if token.special)
     eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
     if eos is None:
         eos = getattr(model.lm.config, "eos_token_id", None)
@@ -186,6 +193,7 @@ def _generate_beams(model, session, logits, cfg, tokenizer) -> GenerationResult:
     k = cfg.num_beams
     batch, vocab = logits.shape
     stops = _stop_ids(model, tokenizer, cfg)
+    prompt_length = session.length
     session.repeat_interleave(k)
     logits = logits.repeat_interleave(k, 0)  # (B*K, V)
     beam_scores = torch.zeros(batch, k, device=logits.device)
@@ -255,6 +263,11 @@ def _generate_beams(model, session, logits, cfg, tokenizer) -> GenerationResult:
         tokens.append(best[1])
         reasons.append(reason[id(best)])
         scores.append(best[0])
+    # Back to one row per sample, holding its prompt: the chosen beam may have finished
+    # steps ago and its cache rows are gone, while every beam shares the prompt. A chat's
+    # next turn then feeds the chosen answer along with its new question.
+    session.rewind(prompt_length)
+    session.keep(torch.arange(batch, device=logits.device) * k)
     result = GenerationResult(tokens, reasons, session, scores=scores)
     if tokenizer is not None:
         result.texts = [tokenizer.decode(t, skip_special_tokens=True) for t in tokens]

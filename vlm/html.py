@@ -2,8 +2,9 @@
 
 The model writes compact body HTML (semantic tags, a few class names); ``document``
 wraps it in a complete page with a fixed stylesheet and a Content-Security-Policy,
-and ``repair_html`` makes any model output well-formed first (closing what was left
-open, dropping stray end tags and anything script-like).
+and ``repair_html`` first makes any model output well-formed and safe on its own: only
+the tags, attributes and classes of the canonical sketch pages survive, so no URL,
+style or script reaches the page even where the CSP or a sandbox is missing.
 """
 
 from __future__ import annotations
@@ -11,8 +12,20 @@ from __future__ import annotations
 import html
 from html.parser import HTMLParser
 
-VOID = {"area", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
-DROP = {"script", "style", "iframe", "object", "embed", "link", "meta", "base", "frame", "frameset"}
+import nh3
+
+VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
+# Removed with everything inside them: code, styles, embedded documents, page metadata
+# and foreign (SVG, MathML) markup, whose text is no page content either.
+DROP = {"script", "style", "iframe", "object", "embed", "link", "meta", "base", "frame", "frameset", "svg", "math",
+        "template"}  # fmt: skip
+# The allow-list: exactly the markup of the canonical pages (training/data/sketch2html.py)
+# and of STYLESHEET. No attribute that holds a URL, a style or a script is on it, so
+# there is no URL scheme to get wrong. Other tags are removed and their text kept.
+TAGS = {"header", "h1", "h2", "h3", "nav", "a", "main", "p", "img", "form", "label", "input", "button", "ul", "li",
+        "section", "div", "footer"}  # fmt: skip
+ATTRIBUTES = {"img": {"alt"}}
+CLASSES = {"section": {"row", "cols"}, "div": {"card"}}
 
 STYLESHEET = (
     "body{margin:0;font-family:system-ui,sans-serif;color:#222;background:#fff;line-height:1.4}"
@@ -46,16 +59,59 @@ def document(body_html: str, title: str = "Generated page") -> str:
     )
 
 
-# ---------------------------------------------------------------- grammar
+# ---------------------------------------------------------------- repair
+
+# Ammonia (through nh3), a maintained sanitiser with a browser's HTML5 parser, has the
+# final word: html.parser below reads some markup differently from a browser, which is
+# how hand-written sanitisers are bypassed. Built once; it is safe to share.
+_CLEANER = nh3.Cleaner(
+    tags=TAGS,
+    clean_content_tags=DROP,
+    attributes=ATTRIBUTES,
+    allowed_classes=CLASSES,
+    url_schemes=set(),
+    link_rel=None,
+    strip_comments=True,
+)
+
+
+def _escape_text(text: str) -> str:
+    # As Ammonia's serialiser writes text, so that its pass leaves clean markup unchanged.
+    return html.escape(text, quote=False).replace("\xa0", "&nbsp;")
+
+
+def _escape_attribute(value: str) -> str:
+    return html.escape(value, quote=False).replace('"', "&quot;").replace("\xa0", "&nbsp;")
 
 
 class _Repair(HTMLParser):
+    """Balances tags and applies the allow-list, noting each change in ``problems``."""
+
     def __init__(self) -> None:
-        super().__init__(convert_charrefs=False)
+        super().__init__(convert_charrefs=True)
         self.out: list[str] = []
         self.stack: list[str] = []
         self.problems: list[str] = []
         self.dropping = 0
+
+    def _attributes(self, tag: str, attrs: list[tuple[str, str | None]]) -> str:
+        kept, seen = [], set()
+        for name, value in attrs:
+            if name in seen:  # a browser keeps the first of repeated attributes
+                continue
+            seen.add(name)
+            if name == "class" and tag in CLASSES:
+                words = (value or "").split()
+                allowed = [w for w in words if w in CLASSES[tag]]
+                if len(allowed) < len(words):
+                    self.problems.append(f"removed class {' '.join(w for w in words if w not in allowed)} on <{tag}>")
+                if allowed:
+                    kept.append(f' class="{" ".join(allowed)}"')
+            elif name in ATTRIBUTES.get(tag, ()):
+                kept.append(f' {name}="{_escape_attribute(value or "")}"')
+            else:
+                self.problems.append(f"removed attribute {name} on <{tag}>")
+        return "".join(kept)
 
     def handle_starttag(self, tag, attrs):
         if tag in DROP:
@@ -65,26 +121,27 @@ class _Repair(HTMLParser):
             return
         if self.dropping:
             return
-        kept = []
-        for name, value in attrs:
-            if name.startswith("on") or (value or "").strip().lower().startswith("javascript:"):
-                self.problems.append(f"removed attribute {name} on <{tag}>")
-                continue
-            kept.append(f' {name}="{html.escape(value or "", quote=True)}"' if value is not None else f" {name}")
-        self.out.append(f"<{tag}{''.join(kept)}>")
+        if tag not in TAGS:
+            self.problems.append(f"removed <{tag}>")
+            return
+        self.out.append(f"<{tag}{self._attributes(tag, attrs)}>")
         if tag not in VOID:
             self.stack.append(tag)
 
     def handle_startendtag(self, tag, attrs):
+        if tag in DROP:  # <svg/>: nothing inside to drop
+            if not self.dropping:
+                self.problems.append(f"removed <{tag}>")
+            return
         self.handle_starttag(tag, attrs)
-        if tag not in VOID and not self.dropping and self.stack and self.stack[-1] == tag:
+        if tag in TAGS and tag not in VOID and not self.dropping:
             self.handle_endtag(tag)
 
     def handle_endtag(self, tag):
         if tag in DROP:
             self.dropping = max(0, self.dropping - 1)
             return
-        if self.dropping or tag in VOID:
+        if self.dropping or tag in VOID or tag not in TAGS:  # a removed tag's end: reported with its start
             return
         if tag not in self.stack:
             self.problems.append(f"dropped stray </{tag}>")
@@ -98,23 +155,19 @@ class _Repair(HTMLParser):
 
     def handle_data(self, data):
         if not self.dropping:
-            self.out.append(html.escape(data, quote=False))
-
-    def handle_entityref(self, name):
-        if not self.dropping:
-            self.out.append(f"&{name};")
-
-    def handle_charref(self, name):
-        if not self.dropping:
-            self.out.append(f"&#{name};")
+            self.out.append(_escape_text(data))
 
 
 def repair_html(fragment: str) -> tuple[str, list[str]]:
-    """Well-formed body HTML from any model output, and what had to be fixed."""
+    """Well-formed, safe body HTML from any model output, and what had to be fixed."""
     parser = _Repair()
     parser.feed(fragment)
     parser.close()
     for tag in reversed(parser.stack):
         parser.out.append(f"</{tag}>")
         parser.problems.append(f"closed unclosed <{tag}>")
-    return "".join(parser.out), parser.problems
+    repaired = "".join(parser.out)
+    body = _CLEANER.clean(repaired)
+    if body != repaired:  # e.g. a <div> inside a <p>, which a browser moves out of it
+        parser.problems.append("rewrote markup as a browser parses it")
+    return body, parser.problems

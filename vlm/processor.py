@@ -3,11 +3,19 @@
 A sample is a list of text segments, each trained on or not, plus its images in
 the order of the ``<image>`` markers in the text. Padding, media tokens and the
 prompt part of question-answer samples never get a label.
+
+Control tokens (``<image>``, ``<|endofchunk|>``, a chat template's ``<|im_start|>`` and
+every other added token of the tokenizer) come only from the processor's own structure:
+the markers it places and the chat template's markup. Text from users and data goes
+through :meth:`Processor.escape`, so that a question or caption that contains, say,
+``<|im_end|>`` is tokenised as those characters and can neither add an image slot nor
+end a chat turn.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -19,9 +27,20 @@ from .model import IGNORE_INDEX
 CAPTION_PROMPT = "Describe the image in one sentence."
 SKETCH_PROMPT = "Write the HTML for this sketch."
 
+# Unicode noncharacters, reserved for a program's internal use: real text does not carry
+# them (escape() strips any that it does). They wrap a control token's text inside
+# untrusted text and, unlike a list of spans, survive rendering through a chat template.
+_OPEN, _CLOSE = "\ufdd0", "\ufdd1"
+# A wrapped piece, or a lone marker (a template that split a wrapped token): splitting on
+# this gives [markup, escaped, markup, escaped, ..., markup], None for a lone marker.
+_ESCAPED = re.compile(f"{_OPEN}([^{_OPEN}{_CLOSE}]*){_CLOSE}|[{_OPEN}{_CLOSE}]")
+
 
 @dataclass
 class Segment:
+    """Part of a sample. ``text`` is markup: a control token written in it is that token.
+    Untrusted text belongs in it only as :meth:`Processor.escape` returns it."""
+
     text: str
     trained: bool
 
@@ -48,20 +67,63 @@ class Processor:
         self.end_of_chunk_token_id = tokenizer.convert_tokens_to_ids(end_of_chunk_token)
         self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         self.uses_chat_template = bool(getattr(tokenizer, "chat_template", None))
+        # Every special token, and every other added token but whitespace ones (some
+        # tokenizers add runs of newlines as tokens; they are text, not structure). Read
+        # once: tokens added to the tokenizer later (the factory adds <image> first) are missed.
+        self._control_ids: dict[str, int] = {
+            token.content: i
+            for i, token in tokenizer.added_tokens_decoder.items()
+            if token.special or not token.content.isspace()
+        }
+        longest_first = sorted(self._control_ids, key=len, reverse=True)
+        self._control = re.compile("|".join(map(re.escape, longest_first))) if longest_first else None
+
+    # ------------------------------------------------------------ untrusted text
+
+    def escape(self, text: str) -> str:
+        """``text`` from a user or a data set, ready to go into a :class:`Segment`: the
+        text of any control token in it (``<image>``, ``<|im_end|>``, ...) is marked so
+        that :meth:`encode` tokenises it as plain characters. Text without control tokens
+        comes back unchanged, so it keeps exactly the tokens it always had."""
+        text = text.replace(_OPEN, "").replace(_CLOSE, "")  # so nobody can forge a wrapped piece
+        if self._control is None:
+            return text
+        return self._control.sub(lambda m: f"{_OPEN}{m.group(0)}{_CLOSE}", text)
 
     # ------------------------------------------------------------ text formats
 
     def caption_segments(self, caption: str, prompt: str = "") -> list[Segment]:
         """``<image>{prompt}{caption}<|endofchunk|>``; only the caption and the end marker train."""
-        return [Segment(self.image_token + prompt, False), Segment(caption + self.end_of_chunk_token, True)]
+        return [
+            Segment(self.image_token + self.escape(prompt), False),
+            Segment(self.escape(caption) + self.end_of_chunk_token, True),
+        ]
 
-    def interleaved_segments(self, text: str) -> list[Segment]:
-        """Free text with ``<image>`` markers, all trained (media tokens excepted)."""
-        return [Segment(text, True)]
+    def interleaved_segments(self, document: str | Sequence[Mapping[str, object]]) -> list[Segment]:
+        """A document of text and images, all trained (media tokens excepted).
+
+        A list of items, as in interleaved shards (``{"text": ...}`` or ``{"image": name}``),
+        is data: the processor places ``<image>`` before each image and ``<|endofchunk|>``
+        after the text that follows it, and every text item stays text, whatever it
+        contains. A string is markup written by a program (a test, a benchmark prompt):
+        its ``<image>`` and ``<|endofchunk|>`` are structure, so never pass data text as one.
+        """
+        if isinstance(document, str):
+            return [Segment(document, True)]
+        parts, open_chunk = [], False
+        for item in document:
+            if "image" in item:
+                parts.append((self.end_of_chunk_token if open_chunk else "") + self.image_token)
+                open_chunk = True
+            else:
+                parts.append(self.escape(str(item["text"])))
+        if open_chunk:
+            parts.append(self.end_of_chunk_token)
+        return [Segment("".join(parts), True)]
 
     def caption_prompt(self, prompt: str = "") -> list[Segment]:
         """Inference form of :meth:`caption_segments`: the model continues with a caption."""
-        return [Segment(self.image_token + prompt, False)]
+        return [Segment(self.image_token + self.escape(prompt), False)]
 
     def chat_segments(
         self,
@@ -76,6 +138,8 @@ class Processor:
         (e.g. ChatML) the LM's own format is used; otherwise
         ``Question: … Answer: …<|endofchunk|>``. The last answer may be ``None``: the
         segments then end with the prompt for the model to answer (inference).
+        Questions, answers and the system prompt are text: only the format's own markup
+        and the image markers become control tokens.
         """
         if not turns:
             raise ValueError("a chat sample needs at least one (question, answer) turn")
@@ -85,6 +149,7 @@ class Processor:
             raise ValueError(f"{len(turns)} turns but {len(images_per_turn)} image counts")
         if any(a is None for _, a in turns[:-1]):
             raise ValueError("only the last turn may lack an answer")
+        turns = [(self.escape(q), None if a is None else self.escape(a)) for q, a in turns]
         if not self.uses_chat_template:
             segments = []
             for i, (q, a) in enumerate(turns):
@@ -95,7 +160,7 @@ class Processor:
             return segments
         messages: list[dict[str, str]] = []
         if self.system_prompt is not None:
-            messages.append({"role": "system", "content": self.system_prompt})
+            messages.append({"role": "system", "content": self.escape(self.system_prompt)})
         segments, rendered = [], ""
         for i, (q, a) in enumerate(turns):
             messages.append({"role": "user", "content": self.image_token * images_per_turn[i] + q})
@@ -133,20 +198,59 @@ class Processor:
 
     # ------------------------------------------------------------ tensors
 
-    def encode(self, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
-        """Token ids and labels of one sample."""
+    def _text_ids(self, text: str) -> list[int]:
+        """Token ids of segment text: markup as the tokenizer reads it, escaped pieces as
+        plain characters. Text with nothing escaped is one ordinary tokenizer call."""
+        ids: list[int] = []
+        for i, piece in enumerate(_ESCAPED.split(text)):
+            if piece:
+                ids += self._plain_ids(piece) if i % 2 else self.tokenizer(piece, add_special_tokens=False)["input_ids"]
+        return ids
+
+    def _plain_ids(self, text: str) -> list[int]:
+        """``text`` as characters, matching none of the tokenizer's added tokens."""
+        # After a newline, which is then cut off again: a SentencePiece-style pre-tokenizer
+        # would otherwise prepend the space it puts at the start of a text (transformers'
+        # own sanitize_control_tokens does the same).
+        newline = self._without_added_tokens("\n")
+        ids = self._without_added_tokens("\n" + text)
+        ids = ids[len(newline) :] if ids[: len(newline)] == newline else self._without_added_tokens(text)
+        if self._control_ids.get(text) in ids:
+            raise ValueError(f"cannot keep {text!r} as text: this tokenizer makes the token from plain characters")
+        return ids
+
+    def _without_added_tokens(self, text: str) -> list[int]:
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        if backend is None:  # a Python tokenizer: its own switch, which skips special tokens only
+            return self.tokenizer(text, add_special_tokens=False, split_special_tokens=True)["input_ids"]
+        # The backend's pipeline minus its added-token matching. Not split_special_tokens=True:
+        # on a fast tokenizer that flips a flag on the shared backend for the call (a race
+        # with other threads' calls) and still matches non-special added tokens.
+        if backend.normalizer is not None:
+            text = backend.normalizer.normalize_str(text)
+        words = [w for w, _ in backend.pre_tokenizer.pre_tokenize_str(text)] if backend.pre_tokenizer else [text]
+        return [token.id for word in words for token in backend.model.tokenize(word)]
+
+    def _encode_all(self, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
         ids: list[int] = []
         labels: list[int] = []
         for seg in segments:
             if not seg.text:
                 continue
-            piece = self.tokenizer(seg.text, add_special_tokens=False)["input_ids"]
+            piece = self._text_ids(seg.text)
             ids.extend(piece)
             labels.extend(piece if seg.trained else [IGNORE_INDEX] * len(piece))
         labels = [IGNORE_INDEX if t == self.image_token_id else lab for t, lab in zip(ids, labels)]
-        if self.max_length is not None:
-            ids, labels = ids[: self.max_length], labels[: self.max_length]
         return ids, labels
+
+    def _truncate(self, ids: list[int], labels: list[int]) -> tuple[list[int], list[int]]:
+        if self.max_length is None:
+            return ids, labels
+        return ids[: self.max_length], labels[: self.max_length]
+
+    def encode(self, segments: Sequence[Segment]) -> tuple[list[int], list[int]]:
+        """Token ids and labels of one sample."""
+        return self._truncate(*self._encode_all(segments))
 
     def transform_images(self, images: Sequence[Image.Image], sample: int = 0) -> list[torch.Tensor]:
         out = []
@@ -173,11 +277,13 @@ class Processor:
         encoded, pixel_lists = [], []
         for i, (sample, imgs) in enumerate(zip(samples, images)):
             segments = self.interleaved_segments(sample) if isinstance(sample, str) else sample
-            ids, labels = self.encode(segments)
-            n_markers = sum(t == self.image_token_id for t in ids)
-            full_markers = sum(seg.text.count(self.image_token) for seg in segments)
+            # Count the image tokens, not "<image>" in the text: escaped text is not a marker.
+            ids, labels = self._encode_all(segments)
+            full_markers = ids.count(self.image_token_id)
             if full_markers != len(imgs):
                 raise ValueError(f"sample {i} has {full_markers} {self.image_token} markers but {len(imgs)} images")
+            ids, labels = self._truncate(ids, labels)
+            n_markers = ids.count(self.image_token_id)
             encoded.append((ids, labels))
             pixel_lists.append(self.transform_images(imgs, i)[:n_markers])
         return self.collate(encoded, pixel_lists, padding_side)

@@ -115,6 +115,13 @@ class Session:
                 i: (a.repeat_interleave(k, 0), b.repeat_interleave(k, 0)) for i, (a, b) in self.media_kv.items()
             }
 
+    def keep(self, rows: torch.Tensor) -> None:
+        """Keep only ``rows``, media included (after beam search: one row per sample)."""
+        self.select(rows)
+        if self.latents is not None:
+            self.latents = self.latents[rows]
+            self.media_kv = {i: (a[rows], b[rows]) for i, (a, b) in self.media_kv.items()}
+
     def select(self, rows: torch.Tensor) -> None:
         """Keep ``rows`` in this order (beam reordering). Beams never move between samples,
         so the media tensors, identical within a sample, need no reordering."""

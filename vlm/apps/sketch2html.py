@@ -1,7 +1,8 @@
 """Turn hand-drawn page sketches into HTML pages: ``vlm-sketch2html SKETCH.png [...] [--render]``.
 
 For each sketch ``x.png`` it writes ``x.html``, a complete page around the model's body
-HTML after :func:`vlm.html.repair_html` has made it well-formed; ``--render`` also saves
+HTML after :func:`vlm.html.repair_html` has made it well-formed and safe (only the tags,
+attributes and classes of the canonical pages survive: no URL, style or script); ``--render`` also saves
 a screenshot of each page as ``x.page.png``, taken with headless Chromium.
 """
 
