@@ -2,21 +2,30 @@
 
 streamlit run demo/app.py                  # the bundled model
 VLM_DEMO_MODEL=runs/x/step-000500/model streamlit run demo/app.py
+VLM_DEMO_MODELS=runs/a/model:runs/b/model streamlit run demo/app.py -- --model runs/c/model
+
+Visitors choose only among the model folders the operator lists: ``VLM_DEMO_MODEL`` (the
+default; unset means the bundled model), then ``VLM_DEMO_MODELS`` (``os.pathsep``
+separated) and each ``--model`` after ``--``. A checkpoint folder rebuilds backbones from
+the sources it names, so a typed path would let a visitor load anything on the server.
 """
 
 from __future__ import annotations
 
+import argparse
 import csv
 import hashlib
 import html
 import io
+import logging
 import os
+import sys
 from pathlib import Path
 
 import streamlit as st
 import streamlit.components.v1 as components
 
-from vlm import load_model
+from vlm import VLM, Processor, load_model
 from vlm.apps.caption import caption_images
 from vlm.apps.sketch2html import sketch_to_html
 from vlm.chat import Chat
@@ -25,12 +34,75 @@ from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
 
 EXAMPLES = Path(__file__).parent / "examples"
 MAX_PIXELS = int(os.environ.get("VLM_DEMO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
+BUNDLED = "bundled model"
+MAX_LOADED_MODELS = 2  # a real model holds ~0.6 GB: visitors switching models must not fill the memory
+
+log = logging.getLogger(__name__)
 
 
-@st.cache_resource(show_spinner="Loading the model…")
-def get_model(path: str):
-    # One model per process, shared by every session: it holds no per-request state.
-    return load_model(path or None, verbose=False)
+def model_folders(argv: list[str] | None = None) -> list[str]:
+    """The operator's model folders, the default first; "" is the bundled model."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser.add_argument("--model", action="append", default=[])
+    extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0].model
+    listed = [*os.environ.get("VLM_DEMO_MODELS", "").split(os.pathsep), *extra]
+    default = os.environ.get("VLM_DEMO_MODEL", "").strip()
+    folders = [os.path.normpath(default) if default else ""]
+    folders += [os.path.normpath(p.strip()) for p in listed if p.strip()]
+    return list(dict.fromkeys(folders))
+
+
+def allowed_models() -> dict[str, str]:
+    """Display name → folder: each folder's name, with as many parent folders as tell them apart."""
+    folders = model_folders()
+
+    def names(depth: int) -> list[str]:
+        return ["/".join(Path(f).parts[-depth:]) if f else BUNDLED for f in folders]
+
+    depth, deepest = 1, max(len(Path(f).parts) for f in folders)
+    while len(set(names(depth))) < len(folders) and depth < deepest:
+        depth += 1
+    return dict(zip(names(depth), folders))
+
+
+@st.cache_resource(max_entries=MAX_LOADED_MODELS, show_spinner="Loading the model…")
+def get_model(folder: str):
+    # One model per allowed folder, shared by every session: it holds no per-request state.
+    if folder not in allowed_models().values():
+        raise ValueError("not one of the models this demo offers")
+    return load_model(folder or None, verbose=False)
+
+
+def short_reason(error: Exception) -> str:
+    lines = str(error).strip().splitlines()
+    text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def pick_model() -> tuple[VLM, Processor]:
+    """The visitor's choice among the allowed models; if it does not load, say why and fall
+    back to the model this session used before, else the default; stop when none loads."""
+    models = allowed_models()
+    names = list(models)
+    choice = st.sidebar.selectbox("Model", names, key="model") if len(names) > 1 else names[0]
+    if len(names) == 1:
+        st.sidebar.caption(f"Model: {choice}")
+    problem = ""
+    for name in dict.fromkeys([choice, st.session_state.get("model_in_use"), names[0]]):
+        if name not in models:  # no model used yet, or a selection that is not an option
+            continue
+        try:
+            model, processor = get_model(models[name])
+        except Exception as e:  # a broken folder fails in many ways: JSON, safetensors, shapes, types…
+            log.warning("could not load the model %r from %r", name, models[name], exc_info=True)
+            problem = problem or f"Could not load the model {choice!r} ({short_reason(e)})"
+            continue
+        if problem:
+            st.error(f"{problem}. Using {name!r} instead.")
+        st.session_state.model_in_use = name
+        return model, processor
+    st.error(f"{problem}.")
+    st.stop()
 
 
 def example_names() -> list[str]:
@@ -63,6 +135,43 @@ def pick_image(key: str, default: str) -> tuple[str, object] | None:
     return "upload:" + hashlib.sha256(data).hexdigest(), image
 
 
+def show_image(image, side: int) -> None:
+    """Show the image within a side × side box; the model still gets the original.
+
+    st.image scales what it gets down to the display width and re-encodes it: a side past
+    65,535 px cannot be encoded and a very flat image rounds to 0 px high, so it gets a
+    copy that already fits."""
+    scale = min(1.0, side / image.width, side / image.height)
+    if scale < 1:
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        image = image.resize(size, reducing_gap=3.0)
+    st.image(image, width=max(1, round(side * min(1.0, image.width / image.height))))
+
+
+def prompt_tokens(chat: Chat, turns: list[tuple[str, str]], question: str) -> int:
+    segments = chat.processor.chat_segments([*turns, (question, None)], num_images=len(chat.images))
+    return len(chat.processor.encode(segments)[0])
+
+
+def fit_to_context(chat: Chat, question: str, max_new_tokens: int) -> int | None:
+    """Drop the oldest turns until the prompt and the answer fit the LM's context; how many
+    were dropped, or None (nothing dropped) when the question alone leaves no room.
+
+    The first turn goes last, as its question often sets the topic; the image always stays,
+    since the processor puts it before the first question that remains."""
+    context = getattr(chat.model.lm.config, "max_position_embeddings", None)
+    if not context:
+        return 0
+    turns = list(chat.turns)
+    while prompt_tokens(chat, turns, question) + max_new_tokens > context:
+        if not turns:
+            return None
+        del turns[1 if len(turns) > 1 else 0]
+    dropped = len(chat.turns) - len(turns)
+    chat.turns[:] = turns
+    return dropped
+
+
 def decoding_settings() -> GenerationConfig:
     st.sidebar.header("Decoding")
     max_new = st.sidebar.slider("Max new tokens", 8, 512, 96, step=8)
@@ -86,12 +195,12 @@ def ask_tab(model, processor, cfg: GenerationConfig) -> None:
         st.info("Pick an example or upload an image to start a conversation.")
         return
     identity, image = picked
-    # One Chat per image and browser session: the image is encoded once per conversation.
-    if st.session_state.get("chat_id") != identity:
+    # One Chat per image, model and browser session: the image is encoded once per conversation.
+    if st.session_state.get("chat_id") != identity or st.session_state.chat.model is not model:
         st.session_state.chat_id = identity
         st.session_state.chat = Chat(model, processor, [image])
     chat: Chat = st.session_state.chat
-    st.image(image, width=256)
+    show_image(image, 256)
     if st.button("New conversation"):
         st.session_state.chat = chat = Chat(model, processor, [image])
     history = st.container()  # above the input box, where new turns appear too
@@ -105,7 +214,16 @@ def ask_tab(model, processor, cfg: GenerationConfig) -> None:
     if not question.strip():
         st.warning("The question is empty: type something to ask.")
         return
+    dropped = fit_to_context(chat, question, cfg.max_new_tokens)
+    if dropped is None:
+        st.error(
+            f"The question is too long: with an answer of up to {cfg.max_new_tokens} tokens it does not fit "
+            "the model's context. Ask a shorter question or lower Max new tokens."
+        )
+        return
     with history:
+        if dropped:
+            st.info(f"The oldest {dropped} turn(s) were left out to fit the model's context; the image stays.")
         st.chat_message("user").write(question)
         if cfg.num_beams > 1:
             st.chat_message("assistant").write(chat.ask(question, cfg))
@@ -145,7 +263,7 @@ def sketch_tab(model, processor, cfg: GenerationConfig) -> None:
         st.info("Pick the example sketch or upload a drawing of a page layout.")
         return
     _, image = picked
-    st.image(image, width=320)
+    show_image(image, 320)
     if not st.button("Generate HTML"):
         return
     with st.spinner("Writing the page…"):
@@ -167,12 +285,7 @@ def sketch_tab(model, processor, cfg: GenerationConfig) -> None:
 def main() -> None:
     st.set_page_config(page_title="vlm demo", layout="wide")
     st.title("vlm demo")
-    path = st.sidebar.text_input("Model folder (empty: bundled model)", os.environ.get("VLM_DEMO_MODEL", ""))
-    try:
-        model, processor = get_model(path.strip())
-    except (OSError, ValueError) as e:
-        st.error(f"Could not load the model from {path!r}: {e}")
-        st.stop()
+    model, processor = pick_model()
     cfg = decoding_settings()
     tabs = st.tabs(["Ask", "Caption", "Sketch → HTML"])
     for tab, show in zip(tabs, (ask_tab, caption_tab, sketch_tab)):
