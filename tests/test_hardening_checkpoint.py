@@ -285,3 +285,43 @@ def test_non_finite_weights_are_refused_with_their_name(tmp_path, value):
     save_file(state, folder / WEIGHTS_FILE)
     with pytest.raises(ValueError, match=f"{victim}.*(NaN|Inf)"):
         vlm.from_pretrained(folder, verbose=False)
+
+
+def test_a_poisoned_checkpoint_runs_nothing_through_the_tools_or_the_demo(tmp_path, monkeypatch, capsys):
+    """The proof of concept end to end: ``--model`` of each command-line tool and the demo's
+    allowed model, pointed at a folder whose config names a pickle with a payload."""
+    import os
+    from pathlib import Path
+
+    import streamlit as st
+    from streamlit.testing.v1 import AppTest
+
+    from training.eval.cli import main as eval_main
+    from vlm.apps.caption import main as caption_main
+    from vlm.apps.sketch2html import main as sketch_main
+
+    folder, marker = _poisoned_checkpoint(tmp_path, pretrained="EVIL")
+    image = tmp_path / "in.png"
+    shape_image("red").save(image)
+    runs = {
+        "vlm-caption": lambda: caption_main([str(image), "--model", str(folder), "--out", str(tmp_path / "c.jsonl")]),
+        "vlm-sketch2html": lambda: sketch_main([str(image), "--model", str(folder), "--out", str(tmp_path / "html")]),
+        "vlm-eval": lambda: eval_main(["--model", str(folder), "--out", str(tmp_path / "e.json")]),
+    }
+    for name, run in runs.items():
+        try:
+            code = run()
+        except (ValueError, SystemExit) as e:  # a clear error, or an exit with one
+            code = getattr(e, "code", 1) or str(e)
+        said = capsys.readouterr()
+        assert code and "not unpickled" in said.err + said.out, f"{name} did not refuse the checkpoint: {said}"
+        assert not marker.exists(), f"{name} ran the payload"
+
+    monkeypatch.setenv("VLM_DEMO_MODEL", str(folder))
+    monkeypatch.delenv("VLM_DEMO_MODELS", raising=False)
+    app = str(Path(__file__).resolve().parents[1] / "demo" / "app.py")
+    monkeypatch.setattr("sys.argv", [app])
+    st.cache_resource.clear()
+    at = AppTest.from_file(app, default_timeout=120).run()
+    assert not at.exception and any("not unpickled" in e.value for e in at.error), [e.value for e in at.error]
+    assert not marker.exists() and os.environ["VLM_DEMO_MODEL"] == str(folder), "the demo ran the payload"
