@@ -11,17 +11,14 @@ then streams it with the default model's processor (EfficientNet-Lite0 transform
 from __future__ import annotations
 
 import argparse
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from training.data.loader import LoaderConfig, SourceConfig, is_report_only, make_loader  # noqa: E402
-from training.data.shapes import generate_scenes  # noqa: E402
-from training.data.shards import ShardWriter, caption_sample, image_bytes  # noqa: E402
-from vlm.factory import create_model_and_transforms  # noqa: E402
+from training.data.loader import LoaderConfig, SourceConfig, is_report_only, make_loader
+from training.data.shapes import generate_scenes
+from training.data.shards import ShardWriter, caption_sample, image_bytes
+from vlm.factory import create_model_and_transforms
 
 
 def write_shards(folder: Path, count: int) -> None:

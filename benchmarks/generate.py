@@ -3,6 +3,7 @@
     python benchmarks/generate.py            # default backbones (EfficientNet-Lite0 + SmolLM2-135M)
     python benchmarks/generate.py --tiny     # tiny random backbones, seconds
     python benchmarks/generate.py --int8     # also: int8 LM speed and its effect on quality
+    python benchmarks/generate.py --sketch-lookup 30   # sketch → HTML: prompt-lookup drafts vs plain greedy
 
 Modes: ``cached`` (LM KV cache + cross-attention K/V over the image computed once per
 request: ours), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
@@ -15,17 +16,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import sys
 import tempfile
 import time
 
 import torch
 
-sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1]))
-
-import vlm  # noqa: E402
-from vlm.example import example_image  # noqa: E402
-from vlm.generate import GenerationConfig, generate  # noqa: E402
+import vlm
+from vlm.example import example_image
+from vlm.generate import GenerationConfig, generate
 
 QUESTIONS = [
     "What is in this picture?",
@@ -128,6 +126,51 @@ def int8_quality(model, processor, quantized, new_tokens: int) -> None:
     print(f"perplexity on fixed text: fp32 {p32:.2f}, int8 {p8:.2f} ({(p8 / p32 - 1) * 100:+.1f}%)")
 
 
+def sketch_lookup(model, processor, count: int, drafts: list[int]) -> None:
+    """Plain greedy against prompt-lookup decoding on the first ``count`` test sketches,
+    batch of one, interleaved per sketch; checks the tokens are identical."""
+    from training.data.sketch2html import page_at
+    from vlm.processor import SKETCH_PROMPT
+    from vlm.session import Session
+
+    segments = processor.chat_segments([(SKETCH_PROMPT, None)])
+    passes = [0]
+    feed = Session.feed
+
+    def counted(self, *args, **kwargs):
+        passes[0] += 1
+        return feed(self, *args, **kwargs)
+
+    Session.feed = counted
+    totals = {k: [0, 0, 0.0] for k in [0, *drafts]}  # tokens, decode passes, seconds
+    same = 0
+    try:
+        for i in range(count):
+            batch = processor([segments], [[page_at("test", i).sketch]])
+            outputs = {}
+            for k in totals:
+                cfg = GenerationConfig(max_new_tokens=400, prompt_lookup=k)
+                passes[0] = 0
+                start = time.perf_counter()
+                out = generate(model, batch["images"], batch["input_ids"], config=cfg, tokenizer=processor.tokenizer)
+                totals[k][2] += time.perf_counter() - start
+                totals[k][0] += len(out.tokens[0])
+                totals[k][1] += passes[0] - 1  # the prompt's pass is not a decode step
+                outputs[k] = out.tokens[0]
+            same += all(t == outputs[0] for t in outputs.values())
+    finally:
+        Session.feed = feed
+    print(f"\nsketch → HTML, {count} test sketches, batch 1: identical tokens on {same} of {count}")
+    print(
+        "| decoding | tokens | decode passes | tokens per pass | tokens/s | vs greedy |\n| --- | --- | --- | --- | --- | --- |"
+    )
+    base = totals[0][0] / totals[0][2]
+    for k, (tokens, n_pass, seconds) in totals.items():
+        name = "greedy" if k == 0 else f"prompt lookup, {k} drafts"
+        rate = tokens / seconds
+        print(f"| {name} | {tokens} | {n_pass} | {tokens / max(n_pass, 1):.2f} | {rate:.1f} | {rate / base:.2f}× |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny random backbones instead of the defaults")
@@ -136,9 +179,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="also time the int8 LM and compare its outputs")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--sketch-lookup", type=int, metavar="N", help="only: prompt lookup on N test sketches")
+    parser.add_argument("--drafts", type=int, nargs="+", default=[4, 10], help="draft lengths for --sketch-lookup")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.sketch_lookup:
+        model, processor = vlm.load_model(verbose=False)  # the bundled model: it was trained on sketches
+        sketch_lookup(model, processor, args.sketch_lookup, args.drafts)
+        return 0
     model, processor = build(args.tiny)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens")
     rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats)

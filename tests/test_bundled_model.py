@@ -72,3 +72,20 @@ def test_test_sketches_become_valid_html_that_follows_the_sketch(bundled, tmp_pa
     for tag, least in (("<header>", MIN_HEADER_AGREE), ("<footer>", MIN_FOOTER_AGREE)):
         agree = sum((tag in p) == (tag in r) for p, r in zip(pages, refs))
         assert agree >= least, (tag, agree)
+
+
+def test_prompt_lookup_gives_greedy_pages_on_real_sketches(bundled):
+    from training.data.sketch2html import page_at
+    from vlm.generate import GenerationConfig
+
+    model, processor = bundled
+    segments = processor.chat_segments([(SKETCH_PROMPT, None)])
+    for i in range(2):
+        batch = processor([segments], [[page_at("test", i).sketch]])
+        pages = [
+            generate(
+                model, batch["images"], batch["input_ids"], config=GenerationConfig(max_new_tokens=400, prompt_lookup=k)
+            )
+            for k in (0, 10)
+        ]
+        assert pages[0].tokens == pages[1].tokens and len(pages[0].tokens[0]) > 20

@@ -247,3 +247,73 @@ def test_int8_calibration_keeps_inaccurate_layers_in_float(trained_model):
     modules = dict(some.named_modules())
     assert all(type(modules[n]) is not nn.Linear for n in some.int8_layers)
     assert all(type(modules[n]) is nn.Linear for n in set(everything.int8_layers) - set(some.int8_layers))
+
+
+def test_lookup_draft_takes_the_latest_match_and_falls_back_to_shorter_ngrams():
+    from vlm.generate import lookup_draft
+
+    tokens = [1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
+    assert lookup_draft(tokens, 3, 2) == [7, 8]  # the latest earlier "1 2 3", not the first
+    assert lookup_draft([4, 5, 6, 5], 3, 3) == [6, 5]  # no "5 6 5" or "6 5" before: then "5"
+    assert lookup_draft([1, 2, 3], 3, 4) == [] and lookup_draft([7], 3, 4) == []
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama", "qwen2", "opt", "gpt_neox"])
+def test_prompt_lookup_gives_greedy_tokens_in_fewer_passes(trained_model, family, monkeypatch):
+    model, processor = trained_model(family)
+    passes = []
+    feed = Session.feed
+
+    def counted(self, *args, **kwargs):
+        passes.append(1)
+        return feed(self, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "feed", counted)
+    saved = 0
+    for prompt, images in zip(PROMPTS, _images()):
+        batch = processor([prompt], [images])
+        args = (batch["images"], batch["input_ids"])
+        for max_new in (1, 40):
+            passes.clear()
+            greedy = generate(model, *args, config=NO_STOP, max_new_tokens=max_new, tokenizer=processor.tokenizer)
+            plain = len(passes)
+            for draft in (1, 10):
+                passes.clear()
+                fast = generate(
+                    model, *args, config=NO_STOP, max_new_tokens=max_new, prompt_lookup=draft,
+                    tokenizer=processor.tokenizer,
+                )  # fmt: skip
+                assert fast.tokens == greedy.tokens and fast.texts == greedy.texts
+                assert fast.finish_reasons == greedy.finish_reasons
+                assert len(passes) <= plain
+                saved += plain - len(passes)
+    assert saved > 0  # drafts were accepted, not only checked
+
+
+def test_prompt_lookup_keeps_stops_and_refuses_what_it_cannot_match(trained_model):
+    model, processor = trained_model("llama")
+    tok = processor.tokenizer
+    batch = processor([PROMPTS[0]], [_images()[0]])
+    args = (batch["images"], batch["input_ids"])
+    text = generate(model, *args, config=NO_STOP, max_new_tokens=30, tokenizer=tok).texts[0]
+    for stop in (text[5:8], text[20:22]):
+        plain = generate(model, *args, config=NO_STOP, max_new_tokens=30, stop_strings=(stop,), tokenizer=tok)
+        fast = generate(
+            model, *args, config=NO_STOP, max_new_tokens=30, stop_strings=(stop,), prompt_lookup=6, tokenizer=tok
+        )
+        assert (fast.tokens, fast.texts, fast.finish_reasons) == (plain.tokens, plain.texts, plain.finish_reasons)
+    first_tokens = generate(model, *args, config=NO_STOP, max_new_tokens=30).tokens[0]
+    stop_id = first_tokens[len(first_tokens) // 2]
+    plain = generate(model, *args, config=NO_STOP, stop_token_ids=(stop_id,), max_new_tokens=30)
+    fast = generate(model, *args, config=NO_STOP, stop_token_ids=(stop_id,), max_new_tokens=30, prompt_lookup=6)
+    assert fast.tokens == plain.tokens and fast.finish_reasons == plain.finish_reasons == ["stop_token"]
+    # A batch of several decodes as plain greedy.
+    many = processor(PROMPTS, _images(), padding_side="left")
+    both = [
+        generate(model, many["images"], many["input_ids"], many["attention_mask"], config=NO_STOP, prompt_lookup=k)
+        for k in (0, 5)
+    ]
+    assert both[0].tokens == both[1].tokens
+    for bad in ({"do_sample": True}, {"num_beams": 2}, {"repetition_penalty": 1.2}):
+        with pytest.raises(ValueError, match="prompt_lookup"):
+            generate(model, *args, config=NO_STOP, prompt_lookup=4, **bad)

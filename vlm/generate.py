@@ -40,6 +40,13 @@ class GenerationConfig:
     stop_token_ids: tuple[int, ...] | None = None
     """None: the tokenizer's EOS and ``<|endofchunk|>``."""
     stop_strings: tuple[str, ...] = ()
+    prompt_lookup: int = 0
+    """Greedy, batch of one: draft up to this many tokens by finding the last few tokens
+    earlier in the prompt or the output and proposing what followed them there, then check
+    all drafts in one forward pass (prompt-lookup decoding). The output is greedy's; pages
+    that repeat their own markup need fewer passes. 0: off; larger batches decode as plain greedy."""
+    prompt_lookup_ngram: int = 3
+    """Longest n-gram matched for a draft (shorter ones are tried when it has no match)."""
 
     def validate(self) -> GenerationConfig:
         if self.max_new_tokens < 1:
@@ -54,6 +61,10 @@ class GenerationConfig:
             raise ValueError("beam search with sampling is not supported; choose num_beams=1 or do_sample=False")
         if self.num_beams > 1 and self.stop_strings:
             raise ValueError("stop_strings work with greedy and sampling only; beam search stops on stop tokens")
+        if self.prompt_lookup < 0 or self.prompt_lookup_ngram < 1:
+            raise ValueError("prompt_lookup must be >= 0 and prompt_lookup_ngram >= 1")
+        if self.prompt_lookup and (self.do_sample or self.num_beams > 1 or self.repetition_penalty != 1.0):
+            raise ValueError("prompt_lookup is exact for plain greedy decoding only (no sampling, beams or penalty)")
         return self
 
 
@@ -189,6 +200,68 @@ def _generate_sampled(model, session, logits, cfg, tokenizer) -> GenerationResul
     return result
 
 
+def lookup_draft(tokens: list[int], ngram: int, count: int) -> list[int]:
+    """Up to ``count`` tokens that followed the latest earlier occurrence of the last
+    ``ngram`` tokens of ``tokens`` (then of shorter n-grams); [] without a match."""
+    for n in range(min(ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):  # latest first: nearby markup repeats most
+            if tokens[start : start + n] == tail:
+                return tokens[start + n : start + n + count]
+    return []
+
+
+def _generate_lookup(model, session, logits, cfg, tokenizer) -> GenerationResult:
+    """Greedy decoding for a batch of one with prompt-lookup drafts (see GenerationConfig)."""
+    stops = _stop_ids(model, tokenizer, cfg)
+    if cfg.stop_strings and tokenizer is None:
+        raise ValueError("stop_strings need a tokenizer")
+    context = session.ids[0, session.attention_mask[0].bool()].tolist()
+    out: list[int] = []
+    reason, text = "length", None
+    token = int(logits[0].argmax())  # the greedy token after context + out
+    while True:
+        if token in stops:
+            reason = "stop_token"
+            break
+        out.append(token)
+        if cfg.stop_strings:
+            decoded = tokenizer.decode(out, skip_special_tokens=True)
+            cut = _first_stop_string(decoded, cfg.stop_strings)
+            if cut >= 0:
+                reason, text = "stop_string", decoded[:cut]
+                break
+        if len(out) == cfg.max_new_tokens:
+            break
+        room = cfg.max_new_tokens - len(out)  # drafts accepted beyond it would be thrown away
+        draft = lookup_draft(context + out, cfg.prompt_lookup_ngram, min(cfg.prompt_lookup, room - 1))
+        fed = torch.tensor([[token, *draft]], device=logits.device)
+        predicted = session.feed(fed, every_position=True)[0].argmax(-1).tolist()  # after each fed token
+        accepted = 0
+        # A draft token is greedy's own when the model, fed everything before it, picks it.
+        while accepted < len(draft) and predicted[accepted] == draft[accepted] and draft[accepted] not in stops:
+            out.append(draft[accepted])
+            accepted += 1
+            if (
+                cfg.stop_strings
+                and _first_stop_string(tokenizer.decode(out, skip_special_tokens=True), cfg.stop_strings) >= 0
+            ):
+                break
+        if accepted < len(draft):
+            session.rewind(session.length - (len(draft) - accepted))  # forget the rejected drafts
+        if cfg.stop_strings and accepted:
+            decoded = tokenizer.decode(out, skip_special_tokens=True)
+            cut = _first_stop_string(decoded, cfg.stop_strings)
+            if cut >= 0:
+                reason, text = "stop_string", decoded[:cut]
+                break
+        token = predicted[accepted]
+    result = GenerationResult([out], [reason], session)
+    if tokenizer is not None:
+        result.texts = [text if text is not None else tokenizer.decode(out, skip_special_tokens=True)]
+    return result
+
+
 def _generate_beams(model, session, logits, cfg, tokenizer) -> GenerationResult:
     k = cfg.num_beams
     batch, vocab = logits.shape
@@ -302,6 +375,8 @@ def generate(
     logits = session.feed(input_ids, attention_mask) if session.length == 0 else session.extend_to(input_ids)
     if cfg.num_beams > 1:
         return _generate_beams(model, session, logits, cfg, tokenizer)
+    if cfg.prompt_lookup and logits.shape[0] == 1:
+        return _generate_lookup(model, session, logits, cfg, tokenizer)
     return _generate_sampled(model, session, logits, cfg, tokenizer)
 
 

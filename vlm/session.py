@@ -44,8 +44,11 @@ class Session:
     def length(self) -> int:
         return 0 if self.ids is None else self.ids.shape[1]
 
-    def feed(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Append tokens ``(B, S_new)``; returns the next-token logits ``(B, V)``."""
+    def feed(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, every_position: bool = False
+    ) -> torch.Tensor:
+        """Append tokens ``(B, S_new)``; returns the next-token logits ``(B, V)``, or with
+        ``every_position`` the logits after each new token ``(B, S_new, V)``."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         if self.ids is not None:
@@ -80,6 +83,8 @@ class Session:
                 "or pass use_cache=False"
             )
         self.ids, self.attention_mask = input_ids_all, mask_all
+        if every_position:
+            return self.model.head(out.last_hidden_state[:, -input_ids.shape[1] :])  # (B, S_new, V)
         return self.model.head(out.last_hidden_state[:, -1])  # (B, V)
 
     def rewind(self, length: int) -> None:
