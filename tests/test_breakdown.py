@@ -1,16 +1,11 @@
-"""scripts/breakdown.py on hand-made vlm-eval prediction rows."""
+"""``vlm-eval --breakdown`` (training/eval/breakdown.py) on hand-made prediction rows."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 from training.data.sketch2html import page_at
-
-_spec = importlib.util.spec_from_file_location("breakdown", Path(__file__).parents[1] / "scripts" / "breakdown.py")
-breakdown = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(breakdown)
+from training.eval.cli import main as eval_main
 
 
 def _write(path, rows):
@@ -37,7 +32,7 @@ def test_easy_vqa_by_answer_type_and_colour_confusions(tmp_path, capsys):
         row("is there a red shape?", "yes", "no"),
         row("is there a triangle?", "no", "no"),
     ]
-    assert breakdown.main([_write(tmp_path / "p.jsonl", rows)]) == 0
+    assert eval_main(["--breakdown", _write(tmp_path / "p.jsonl", rows)]) == 0
     out = capsys.readouterr().out
     assert "easy-vqa: 3/6 = 50.0 %" in out
     assert "shape                    1/1 = 100.0 %" in out
@@ -51,7 +46,7 @@ def test_sketch_own_against_other(tmp_path, capsys):
     # Every page predicted exactly: own similarity is 1, other pairs less.
     refs = [page_at("test", i).html for i in range(3)]
     rows = [{"task": "sketch", "shots": 0, "reference": r, "prediction": r} for r in refs]
-    assert breakdown.main([_write(tmp_path / "s.jsonl", rows)]) == 0
+    assert eval_main(["--breakdown", _write(tmp_path / "s.jsonl", rows)]) == 0
     out = capsys.readouterr().out
     assert "own sketch 1.000" in out
     other = float(out.split("other pairs ")[1].split()[0])
@@ -77,7 +72,7 @@ def test_sketch_parts_that_agree(tmp_path, capsys):
     ]
     for r in rows:
         r.update(task="sketch", shots=0)
-    assert breakdown.main([_write(tmp_path / "s.jsonl", rows)]) == 0
+    assert eval_main(["--breakdown", _write(tmp_path / "s.jsonl", rows)]) == 0
     out = capsys.readouterr().out
     assert "header                     2/3 (the reference has one in 3)" in out
     assert "nav                        1/3 (the reference has one in 0)" in out
@@ -86,9 +81,13 @@ def test_sketch_parts_that_agree(tmp_path, capsys):
     assert "main block kinds in order  1/3" in out
 
 
-def test_unusable_file_is_a_clear_error(tmp_path, capsys):
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [("{not json\n", "bad.jsonl:1: not JSON"), ('{"task": "emoji"}\n', "bad.jsonl: no easy-vqa or sketch rows")],
+)
+def test_unusable_file_is_a_clear_error(tmp_path, capsys, text, message):
     path = tmp_path / "bad.jsonl"
-    path.write_text("{not json\n")
+    path.write_text(text)
     with pytest.raises(SystemExit) as info:
-        breakdown.main([str(path)])
-    assert info.value.code == 2 and "bad.jsonl:1: not JSON" in capsys.readouterr().err
+        eval_main(["--breakdown", str(path)])
+    assert info.value.code == 2 and message in capsys.readouterr().err

@@ -25,7 +25,7 @@ def setup(tmp_path_factory):
     return root
 
 
-def test_qa_zero_and_few_shot_write_json_and_markdown(setup, tmp_path):
+def test_qa_zero_and_few_shot_write_json_and_markdown(setup, tmp_path, capsys):
     out = tmp_path / "r.json"
     args = ["--model", str(setup / "ckpt"), "--task", "easy-vqa", "--shards", str(setup / "qa"), "--shots", "0", "2"]
     assert eval_main([*args, "--out", str(out), "--predictions", str(tmp_path / "p.jsonl")]) == 0
@@ -34,10 +34,13 @@ def test_qa_zero_and_few_shot_write_json_and_markdown(setup, tmp_path):
     assert results["0-shot"]["count"] == 5 and 0.0 <= results["0-shot"]["accuracy"] <= 1.0
     rows = [json.loads(line) for line in (tmp_path / "p.jsonl").read_text().splitlines()]
     assert len(rows) == 10
-    assert all(r["question"] == "what colour is the shape?" for r in rows)  # for scripts/breakdown.py
+    assert all(r["question"] == "what colour is the shape?" for r in rows)  # for vlm-eval --breakdown
     accuracy = sum(r["correct"] for r in rows if r["shots"] == 0) / 5
     assert accuracy == results["0-shot"]["accuracy"]  # the summary is the mean of the per-item results
     assert "| easy-vqa | 2-shot | accuracy |" in out.with_suffix(".md").read_text()
+    capsys.readouterr()
+    assert eval_main(["--breakdown", str(tmp_path / "p.jsonl")]) == 0  # every shot's rows, by answer type
+    assert f"easy-vqa: {sum(r['correct'] for r in rows)}/10 = " in capsys.readouterr().out
     # Repeatable: the same command gives the same numbers.
     out2 = tmp_path / "r2.json"
     assert eval_main([*args, "--out", str(out2)]) == 0

@@ -2,12 +2,15 @@
 
     vlm-eval --model runs/x/step-004000/model --task easy-vqa shapes emoji sketch --shots 0 2 4
     vlm-eval --task easy-vqa --shards data/shards/easy-vqa-test --limit 500 --out results.json
+    vlm-eval --task easy-vqa sketch --predictions p.jsonl && vlm-eval --breakdown p.jsonl
 
 Tasks: ``easy-vqa`` and ``shapes`` (question answering: VQA-normalised exact match),
 ``emoji`` (captioning: BLEU-1..4, ROUGE-L, CIDEr-D, exact match), ``sketch``
 (sketch-to-HTML: validity, structure, text, and with ``--render`` layout and screenshot
 similarity). Few-shot prompts put k examples from the same shards (never the query
 itself), chosen with a fixed seed, before the query. Writes JSON and a markdown table.
+``--breakdown`` reads a ``--predictions`` file instead and prints where the answers go
+wrong (easy-VQA by answer type, sketch page parts; :mod:`training.eval.breakdown`).
 """
 
 from __future__ import annotations
@@ -144,7 +147,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--render", action="store_true", help="sketch: also layout IoU and screenshot similarity")
     parser.add_argument("--out", default="eval_results.json")
     parser.add_argument("--predictions", help="also write every prediction to this JSONL file")
+    parser.add_argument(
+        "--breakdown", metavar="PREDICTIONS", help="only break down a --predictions file by answer type or page part"
+    )
     args = parser.parse_args(argv)
+    if args.breakdown:
+        from .breakdown import breakdown, read_predictions
+
+        try:
+            print(breakdown(read_predictions(args.breakdown)))
+        except (OSError, ValueError) as e:
+            parser.exit(2, f"vlm-eval: error: {e}\n")
+        return 0
     if args.shards and len(args.task) != 1:
         parser.error("--shards goes with exactly one --task")
     try:

@@ -4,11 +4,11 @@
 # the wheels it lacks, the bundled backbones (the SmolLM2 GGUF file, the EfficientNet
 # state dict), the easy-VQA and emoji source data, and the LM's tokenizer files with a
 # hash of its weights. Writes two parts under .gpu/ (ignored by git), each under 64 MiB:
-#   call 1: carry .gpu/a, run  bash scripts/gpu/stash.sh       (keeps part 1; GPU checks)
-#   call 2: carry .gpu/b, run  bash scripts/gpu/train.sh ARGS  (at once, while it is warm)
+#   call 1: carry .gpu/a, run  bash gpu/stash.sh       (keeps part 1; GPU checks)
+#   call 2: carry .gpu/b, run  bash gpu/train.sh ARGS  (at once, while it is warm)
 # Run after scripts/setup.sh and one load of the default model (the LM cache).
 set -euo pipefail
-root="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 py=.venv/bin/python
 work="$(mktemp -d)"
@@ -30,7 +30,7 @@ emoji="$(HF_HUB_OFFLINE=1 $py -c 'from training.data.builders import emoji_folde
 tar czf "$work/emoji.tgz" -C "$(dirname "$emoji")" "$(basename "$emoji")/emoji.json" "$(basename "$emoji")/img/twitter/64"
 lm="$(HF_HUB_OFFLINE=1 $py -c 'from vlm.registry import smollm2_folder; print(smollm2_folder())')"
 tar czf "$work/lmfiles.tgz" -C "$lm" --exclude model.safetensors .
-$py scripts/gpu/lm_hash.py "$lm/model.safetensors" > "$work/lmhash.txt"
+$py gpu/lm_hash.py "$lm/model.safetensors" > "$work/lmhash.txt"
 tar cf "$work/payload.tar" -C "$work" wheels lmhash.txt lmfiles.tgz evqa.tgz emoji.tgz effnet.pth.xz gguf.xz
 size=$(stat -c %s "$work/payload.tar")
 half=$(( (size + 1) / 2 ))

@@ -1,7 +1,7 @@
 """Can the frozen vision tower see a sketch's layout, and does the resampler keep it?
 Linear probes on the bundled model's features of synthetic sketches.
 
-    .venv/bin/python scripts/probe_sketch.py [--model DIR] [--train 1500] [--test 300] [--latents-only]
+    .venv/bin/python experiments/probe_sketch.py [--model DIR] [--train 1500] [--test 300] [--latents-only]
 
 Targets come from each page's layout (no shards needed):
 - band kind: for each row of the token grid, the kind of the top-level block drawn
@@ -10,8 +10,9 @@ Targets come from each page's layout (no shards needed):
   size and at twice it (four times the tokens), to see what a finer grid would add.
 - block count and the kinds of the first four <main> blocks (or "none"), per page,
   from every grid row's features side by side, or from all resampler latents.
-Probes are linear classifiers trained with Adam on standardised features (seeded), as
-in scripts/probe_colour.py; sketches are train pages 0.. and test pages 0.. .
+Probes are linear classifiers trained with Adam on standardised features (seeded): the
+probe of probe_colour.py beside this file (run both as scripts); sketches are train
+pages 0.. and test pages 0.. .
 """
 
 from __future__ import annotations
@@ -21,8 +22,9 @@ import argparse
 import torch
 from probe_colour import probe
 
-from training.data.sketch2html import _CHROME, GAP, INNER, MARGIN, SKETCH_SIZE, _height, page_at
-from vlm.factory import load_model
+# _height is the page grammar's own block height (no public name for it yet).
+from training.data.sketch2html import GAP, INNER, MARGIN, SKETCH_SIZE, _height, page_at
+from vlm import load_model
 
 KINDS = (
     "empty",
@@ -38,6 +40,7 @@ KINDS = (
     "columns",
     "footer",
 )
+CHROME = ("header", "nav", "footer")  # the blocks outside <main>
 FIRST = 4  # main blocks probed by position
 
 
@@ -55,7 +58,7 @@ def band_kinds(layout, rows: int) -> list[int]:
 
 
 def page_targets(layout) -> tuple[int, list[int]]:
-    main = [KINDS.index(b.kind) for b in layout if b.kind not in _CHROME]
+    main = [KINDS.index(b.kind) for b in layout if b.kind not in CHROME]
     return len(main), (main + [0] * FIRST)[:FIRST]
 
 

@@ -1,10 +1,9 @@
-"""Break down `vlm-eval --predictions` output: easy-VQA by answer type, sketches own vs other.
-
-    python scripts/breakdown.py PREDICTIONS.jsonl
+"""Where a model's answers go wrong, from ``vlm-eval --predictions`` rows
+(``vlm-eval --breakdown PREDICTIONS.jsonl``).
 
 - easy-VQA: an answer is a shape (circle, rectangle, triangle), yes/no, or a colour (read
-  from the reference); yes/no questions are split by whether they name a colour. Prints
-  each type's accuracy and, for colour answers, which colours were confused with which.
+  from the reference); yes/no questions are split by whether they name a colour. Each
+  type's accuracy and, for colour answers, which colours were confused with which.
 - sketch: the mean tree similarity of each page to its own sketch's reference, against
   the mean over every other sketch's reference: how far a page follows its sketch
   rather than being a generic page; and which parts of the page agree with the reference:
@@ -14,14 +13,40 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
-import sys
 from collections import Counter
+
+from .html_metrics import parse_tree, tree_similarity
 
 SHAPES = {"circle", "rectangle", "triangle"}
 COLOURS = re.compile(r"\b(red|green|blue|yellow|black|gray|grey|brown|teal)\b", re.IGNORECASE)
+TASKS = ("easy-vqa", "sketch")
+
+
+def read_predictions(path: str) -> dict[str, list[dict]]:
+    """The rows of a predictions file, by task. Raises ValueError naming a bad line."""
+    rows: dict[str, list[dict]] = {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}:{n}: not JSON: {e}") from None
+            rows.setdefault(row.get("task"), []).append(row)
+    if not any(task in rows for task in TASKS):
+        raise ValueError(f"{path}: no easy-vqa or sketch rows")
+    return rows
+
+
+def breakdown(rows: dict[str, list[dict]]) -> str:
+    """The report for every task that has one, as text."""
+    parts = []
+    if "easy-vqa" in rows:
+        parts.append(easy_vqa(rows["easy-vqa"]))
+    if "sketch" in rows:
+        parts.append(sketch(rows["sketch"]))
+    return "\n".join(parts)
 
 
 def answer_type(reference: str) -> str:
@@ -31,28 +56,7 @@ def answer_type(reference: str) -> str:
     return "shape" if ref in SHAPES else "colour"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("predictions")
-    args = parser.parse_args(argv)
-    rows: dict[str, list[dict]] = {}
-    with open(args.predictions, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                parser.exit(2, f"{args.predictions}:{n}: not JSON: {e}\n")
-            rows.setdefault(row.get("task"), []).append(row)
-    if "easy-vqa" not in rows and "sketch" not in rows:
-        parser.exit(2, f"{args.predictions}: no easy-vqa or sketch rows\n")
-    if "easy-vqa" in rows:
-        easy_vqa(rows["easy-vqa"])
-    if "sketch" in rows:
-        sketch(rows["sketch"])
-    return 0
-
-
-def easy_vqa(rows: list[dict]) -> None:
+def easy_vqa(rows: list[dict]) -> str:
     total, right = Counter(), Counter()
     confusions = Counter()
     for r in rows:
@@ -63,22 +67,19 @@ def easy_vqa(rows: list[dict]) -> None:
         right[kind] += bool(r["correct"])
         if kind == "colour" and not r["correct"]:
             confusions[(r["reference"].strip().lower(), r["prediction"].strip().lower())] += 1
-    print(f"easy-vqa: {sum(right.values())}/{len(rows)} = {100 * sum(right.values()) / len(rows):.1f} %")
+    lines = [f"easy-vqa: {sum(right.values())}/{len(rows)} = {100 * sum(right.values()) / len(rows):.1f} %"]
     for kind in sorted(total):
-        print(f"  {kind:24s} {right[kind]}/{total[kind]} = {100 * right[kind] / total[kind]:.1f} %")
+        lines.append(f"  {kind:24s} {right[kind]}/{total[kind]} = {100 * right[kind] / total[kind]:.1f} %")
     if confusions:
-        print("  colour misses (reference -> prediction):")
-        for (ref, pred), n in confusions.most_common():
-            print(f"    {ref} -> {pred}: {n}")
+        lines.append("  colour misses (reference -> prediction):")
+        lines += [f"    {ref} -> {pred}: {n}" for (ref, pred), n in confusions.most_common()]
+    return "\n".join(lines)
 
 
-def sketch(rows: list[dict]) -> None:
-    from training.eval.html_metrics import parse_tree, tree_similarity
-
+def sketch(rows: list[dict]) -> str:
     n = len(rows)
     if n < 2:
-        print("sketch: need at least two sketches to compare own against other")
-        return
+        return "sketch: need at least two sketches to compare own against other"
     own = sum(tree_similarity(r["prediction"], r["reference"]) for r in rows) / n
     other = sum(
         tree_similarity(a["prediction"], b["reference"])
@@ -86,7 +87,7 @@ def sketch(rows: list[dict]) -> None:
         for j, b in enumerate(rows)
         if i != j
     ) / (n * (n - 1))
-    print(f"sketch: tree similarity to its own sketch {own:.3f}, to the {n} x {n - 1} other pairs {other:.3f}")
+    lines = [f"sketch: tree similarity to its own sketch {own:.3f}, to the {n} x {n - 1} other pairs {other:.3f}"]
     agree, in_reference = Counter(), Counter()
     for r in rows:
         ref, pred = _page_parts(parse_tree(r["reference"])), _page_parts(parse_tree(r["prediction"]))
@@ -95,10 +96,11 @@ def sketch(rows: list[dict]) -> None:
             agree[part] += pred is not None and (part in ref["chrome"]) == (part in pred["chrome"])
         agree["main block count"] += pred is not None and len(pred["main"]) == len(ref["main"])
         agree["main block kinds in order"] += pred is not None and pred["main"] == ref["main"]
-    print("  parts that agree with the reference (an invalid page agrees on nothing):")
+    lines.append("  parts that agree with the reference (an invalid page agrees on nothing):")
     for part in ("header", "nav", "footer", "main block count", "main block kinds in order"):
         has = f" (the reference has one in {in_reference[part]})" if part in in_reference else ""
-        print(f"    {part:26s} {agree[part]}/{n}{has}")
+        lines.append(f"    {part:26s} {agree[part]}/{n}{has}")
+    return "\n".join(lines)
 
 
 def _page_parts(tree) -> dict | None:
@@ -110,7 +112,3 @@ def _page_parts(tree) -> dict | None:
         "chrome": {c.tag for c in tree.children if c.tag != "main"},
         "main": [c.label for c in main.children] if main else [],
     }
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Device call 2 (see pack.sh): unpack the payload, build the default training data, train
-# `--preset default-gpu` within ${LIMIT:-560} s of this call in all, and put the adapter
-# (bf16, in 15-MB pieces: cat model.safetensors.part-* > model.safetensors), its config
-# and the run's metrics into $OUT. Arguments go to vlm-train; without any, a time budget
-# is set from what is left of LIMIT (e.g. pass --steps 1523 to repeat the bundled run).
+# the `default` recipe's first stage (`--preset default:gpu`) within ${LIMIT:-560} s of
+# this call in all, and put the adapter (bf16, in 15-MB pieces: cat
+# model.safetensors.part-* > model.safetensors), its config and the run's metrics into
+# $OUT. Arguments go to vlm-train; without any, a time budget is set from what is left of
+# LIMIT (e.g. pass --steps 1523 --time_budget_s null to repeat the bundled run).
 set -uo pipefail
 t0=$(date +%s)
 limit=${LIMIT:-560}
@@ -41,7 +42,7 @@ n=$(nproc)
 lm=$(python3 -c "from vlm.registry import smollm2_folder; print(smollm2_folder())" 2>$p/lm.log | tail -n 1)
 [ -f "$lm/model.safetensors" ] || { cat $p/lm.log; exit 7; }
 tar xzf $p/lmfiles.tgz -C "$lm"  # our tokenizer and config files, whatever transformers is here
-[ "$(python3 scripts/gpu/lm_hash.py "$lm/model.safetensors")" = "$(cat $p/lmhash.txt)" ] \
+[ "$(python3 gpu/lm_hash.py "$lm/model.safetensors")" = "$(cat $p/lmhash.txt)" ] \
   || { echo "train: the LM weights dequantised here differ from the packing machine's"; exit 8; }
 log "LM checked"
 wait $pid1 && wait $pid2 || { tail -n 20 $p/data*.log; echo "train: data build failed"; exit 9; }
@@ -51,8 +52,8 @@ args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
   args=(--time_budget_s $(( limit - ($(date +%s) - t0) - 55 )))
 fi
-log "vlm-train --preset default-gpu ${args[*]}"
-timeout -k 5 $(( limit - ($(date +%s) - t0) - 25 )) python3 -m training.train --preset default-gpu \
+log "vlm-train --preset default:gpu ${args[*]}"
+timeout -k 5 $(( limit - ($(date +%s) - t0) - 25 )) python3 -m training.train --preset default:gpu \
   --checkpoint.dir /tmp/run "${args[@]}" > "$out/train.log" 2>&1
 log "vlm-train exited with $?"
 tr '\r' '\n' < "$out/train.log" | grep -a "time budget\|^step\|^done\|Error" | tail -n 12

@@ -1,7 +1,7 @@
 """Where does a model lose the colour of an easy-VQA shape? Linear probes on features
 taken at each point from the vision tower to the resampler's output latents.
 
-    .venv/bin/python scripts/probe_colour.py [--model DIR] [--train 600] [--test 300]
+    .venv/bin/python experiments/probe_colour.py [--model DIR] [--train 600] [--test 300]
 
 Images are the first distinct images behind easy-VQA colour questions ("what is the
 color of ...") in the train and test shards; each probe is a linear classifier over
@@ -19,7 +19,7 @@ import tarfile
 import torch
 from PIL import Image
 
-from vlm.factory import load_model
+from vlm import load_model
 
 
 def colour_images(split: str, n: int) -> tuple[list[Image.Image], list[str]]:

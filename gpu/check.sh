@@ -4,7 +4,7 @@
 # travel), and the trainer on CUDA through torchrun with NCCL: FSDP2 in bf16 with a
 # checkpoint and a resume, then DDP with bf16 frozen weights. Wheels for packages
 # the machine lacks are expected in .whl/ (see the device tool's notes).
-# Usage there: bash benchmarks/gpu_check.sh "$OUT"
+# Usage there: bash gpu/check.sh "$OUT" (gpu/stash.sh runs it)
 set -uo pipefail
 out="${1:-/tmp/gpu_check}"
 mkdir -p "$out"
