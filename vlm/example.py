@@ -9,6 +9,7 @@ image once), not what a trained model sees.
 from __future__ import annotations
 
 import argparse
+import logging
 import time
 
 from PIL import Image, ImageDraw
@@ -34,6 +35,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--follow-up", nargs="*", default=["What is the capital of France?"], help="more turns")
     parser.add_argument("--max-new-tokens", type=int, default=32)
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")  # vlm's progress notes (e.g. the first-run dequantising)
+    logging.getLogger("vlm").setLevel(logging.INFO)
 
     if args.image:
         try:

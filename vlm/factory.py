@@ -8,6 +8,7 @@ trainable weights. The backbones are rebuilt from their sources on load.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
@@ -26,6 +27,8 @@ from .registry import load_causal_lm
 from .resampler import PerceiverResampler
 from .vision import create_vision_encoder
 from .xattn import GatedCrossAttentionBlock
+
+log = logging.getLogger(__name__)
 
 FORMAT = "vlm-checkpoint/1"
 CONFIG_FILE = "config.json"
@@ -113,7 +116,7 @@ def create_model_and_transforms(
     count = apply_freezing(model)
     model.train(False)
     if verbose:
-        print(f"vlm: {count:,} trainable parameters (cross-attention before LM layers {indices})", flush=True)
+        log.info("%s trainable parameters (cross-attention before LM layers %s)", f"{count:,}", indices)
     processor = Processor(
         tokenizer, transform, cfg.image_token, cfg.end_of_chunk_token, system_prompt=cfg.system_prompt
     )
@@ -218,7 +221,7 @@ def load_model(path: str | os.PathLike | None = None, verbose: bool = True) -> t
     if (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
         return from_pretrained(DEFAULT_CHECKPOINT, verbose=verbose)
     if verbose:
-        print("vlm: no bundled checkpoint found; using the default preset with an untrained adapter", flush=True)
+        log.warning("no bundled checkpoint found; using the default preset with an untrained adapter")
     return create_model_and_transforms(verbose=verbose)
 
 

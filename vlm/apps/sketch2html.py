@@ -9,6 +9,7 @@ a screenshot of each page as ``x.page.png``, taken with headless Chromium.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import shutil
 import signal
@@ -124,7 +125,10 @@ def render_png(html_path: str | os.PathLike, png_path: str | os.PathLike, width:
             try:
                 _, stderr = proc.communicate(timeout=RENDER_TIMEOUT_S)
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+                if sys.platform == "win32":  # no process groups (start_new_session is POSIX only)
+                    proc.kill()
+                else:
+                    os.killpg(proc.pid, signal.SIGKILL)
                 proc.communicate()
                 raise RenderError(f"Chromium took longer than {RENDER_TIMEOUT_S} s") from None
         if proc.returncode != 0:
@@ -185,6 +189,8 @@ def _say(message: str, error: bool = False) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")  # vlm's progress notes (e.g. the first-run dequantising)
+    logging.getLogger("vlm").setLevel(logging.INFO)
     if args.render:
         try:
             find_chromium()  # before the minutes spent loading a model
