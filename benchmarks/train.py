@@ -4,6 +4,14 @@ measured matmul peak, for the default architecture at a fixed batch and length.
     python benchmarks/train.py                           # CPU, fp32 and bf16-frozen
     python benchmarks/train.py --device cuda --precision bf16
     python benchmarks/train.py --random-weights          # same shapes, no weight files needed
+    python benchmarks/train.py --compare                 # issue #19: prefix cache, prompt, vision
+
+``--compare`` (default model, bf16-frozen, side by side in one run): sketch batches (16
+generated pages at their real lengths) with and without the prefix cache of the frozen
+LM below the first cross-attention layer (steps/s and ratio) and the cache's size per
+1,000 samples; easy-VQA batches with the template's default system message and with the
+short (empty) one (tokens a sample, steps/s); and the frozen vision tower's share of a
+step at 320 and 640 px, which decides whether caching vision tokens too would pay.
 
 A step is forward + backward + AdamW on the trainable adapter, logits only at the
 labelled positions (the trainer's setting). FLOPs are counted by PyTorch's
@@ -16,16 +24,15 @@ from __future__ import annotations
 import argparse
 import resource
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import vlm  # noqa: E402
-from training.train import build_model, cast_frozen, param_groups  # noqa: E402
-from vlm.config import get_preset  # noqa: E402
+import vlm
+from training.train import build_model, cast_frozen, param_groups
+from vlm.config import get_preset
 
 SMOLLM2_SHAPE = dict(
     hidden_size=576,
@@ -151,6 +158,129 @@ def run(args, precision: str) -> dict:
     }
 
 
+def _samples(built, processor, kind: str, max_tokens: int = 2048):
+    """``(encoded, pixels)`` of generated shard samples through the loader's own path."""
+    from training.data.decode import decode_sample, example_segments, fit_tokens
+
+    encoded, pixels = [], []
+    for sample, _ in built:
+        example = decode_sample(sample, kind)  # a builder's sample is what the shard reader gives back
+        ids, labels = processor.encode(example_segments(processor, example))
+        ids, labels, _ = fit_tokens(ids, labels, max_tokens)
+        encoded.append((ids, labels))
+        pixels.append(processor.transform_images(example.images))
+    return encoded, pixels
+
+
+def _timed_steps(model, opt, runs: list[tuple[dict, torch.Tensor | None]], steps: int) -> list[float]:
+    """Seconds a step for each ``(batch, prefix)`` (prefix None: no cache), timed in turn
+    step by step, so a neighbour's load on a shared machine hits all of them alike."""
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+
+    def step(batch, prefix):
+        with autocast:
+            loss = model(**batch, return_logits=False, prefix=prefix).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    for run in runs:
+        step(*run)  # warm-up
+    total = [0.0] * len(runs)
+    for _ in range(steps):
+        for i, run in enumerate(runs):
+            start = time.perf_counter()
+            step(*run)
+            total[i] += time.perf_counter() - start
+    return [t / steps for t in total]
+
+
+def compare(args) -> int:
+    """Issue #19's figures, side by side in one process (see the module docstring)."""
+    from training.config import TrainConfig
+    from training.data import builders, prefix_cache
+    from training.data.loader import SourceConfig
+    from training.data.shards import ShardWriter
+
+    cfg = TrainConfig()
+    cfg.precision = "bf16-frozen"
+    model, processor = build_model(cfg)
+    model.embed.new_rows.requires_grad_(False)  # as the trainer holds them with the cache on
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    rows = []
+
+    # Sketch pages: 16 generated samples at their real lengths.
+    built = list(builders.sketches("train", args.sketch_batch, seed=0))
+    encoded, pixels = _samples(built, processor, "sketch")
+    batch = processor.collate(encoded, pixels)
+    lengths = [len(ids) for ids, _ in encoded]
+    with torch.no_grad(), autocast:
+        prefix = model.prefix_hidden_states(batch["input_ids"], batch["attention_mask"])  # (B, S, D)
+    plain, cached = _timed_steps(model, opt, [(batch, None), (batch, prefix)], args.steps)
+    rows.append(("sketch, no cache", sum(lengths) / len(lengths), plain))
+    rows.append(("sketch, prefix cache", sum(lengths) / len(lengths), cached))
+    with tempfile.TemporaryDirectory() as tmp:
+        with ShardWriter(tmp, "sketch", max_samples=len(built)) as writer:
+            for sample, _ in built:
+                writer.write(sample)
+        _, report = prefix_cache.ensure(
+            model, processor, [SourceConfig(tmp, "sketch")], "bf16", autocast=autocast, log=lambda m: None
+        )
+    sketch_mib_per_k = report.bytes / report.samples * 1000 / 2**20
+
+    # easy-VQA: the template's default system message against the short one.
+    evqa_rows = []
+    if builders.easy_vqa_installed():
+        samples = [s for _, s in zip(range(args.vqa_batch), builders.easy_vqa("train"), strict=False)]
+        batches, tokens = [], []
+        for prompt in (None, ""):
+            processor.system_prompt = prompt
+            encoded, pixels = _samples(samples, processor, "qa")
+            batches.append((processor.collate(encoded, pixels), None))
+            tokens.append(sum(len(ids) for ids, _ in encoded) / len(encoded))
+        processor.system_prompt = model.config.system_prompt
+        times = _timed_steps(model, opt, batches, args.steps)
+        for prompt, n, seconds in zip((None, ""), tokens, times, strict=True):
+            evqa_rows.append((f"easy-VQA, system prompt {prompt!r}", n, seconds))
+
+    # The frozen vision tower's share of a step (a vision-token cache could save at most it).
+    vision_rows = []
+    tower = next(model.vision.parameters())
+    for px in (320, 640):
+        images = torch.randn(args.sketch_batch, 1, 3, px, px).to(tower.dtype)
+        with torch.no_grad():
+            model.vision(images)
+            start = time.perf_counter()
+            feats = model.vision(images)  # (B, T, N, Dv)
+            seconds = time.perf_counter() - start
+        per_sample = feats[0].numel() * 2  # bytes in bf16
+        vision_rows.append((px, seconds, feats.shape[2], per_sample * 1000 / 2**20))
+
+    print(f"\ncpu, {torch.get_num_threads()} threads, default model, bf16-frozen, {args.steps} timed steps each")
+    print("| batch | tokens/sample | s/step | steps/s |")
+    print("| --- | --- | --- | --- |")
+    for name, tokens, seconds in rows + evqa_rows:
+        print(f"| {name} | {tokens:.1f} | {seconds:.3f} | {1 / seconds:.3f} |")
+    print(
+        f"\nprefix cache speed-up on sketch batches ({args.sketch_batch} samples, "
+        f"{min(lengths)}-{max(lengths)} tokens): {plain / cached:.2f}x"
+    )
+    print(
+        f"prefix cache size: {sketch_mib_per_k:.1f} MiB per 1,000 sketch samples (bf16, layer "
+        f"{model.first_cross_attn_layer} of {len(model.decoder_layers())})"
+    )
+    if evqa_rows:
+        (_, t_old, s_old), (_, t_new, s_new) = evqa_rows
+        print(f"easy-VQA: {t_old:.1f} -> {t_new:.1f} tokens a sample; {s_old / s_new:.2f}x steps/s")
+    print("\n| image size | vision tower s (batch) | share of a sketch step with the cache | tokens | MiB per 1,000 |")
+    print("| --- | --- | --- | --- | --- |")
+    for px, seconds, tokens, mib in vision_rows:
+        print(f"| {px} | {seconds:.3f} | {seconds / cached:.1%} | {tokens} | {mib:.0f} |")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -159,7 +289,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--length", type=int, default=64)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--random-weights", action="store_true")
+    parser.add_argument("--compare", action="store_true", help="issue #19's side-by-side figures")
+    parser.add_argument("--sketch-batch", type=int, default=16)
+    parser.add_argument("--vqa-batch", type=int, default=32)
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare(args)
     rows = [run(args, p) for p in args.precision]
     print(
         f"\ndevice {args.device}, batch {args.batch_size} x {args.length} tokens, 224 px, {torch.get_num_threads()} threads"

@@ -261,7 +261,7 @@ def test_presets_extend_other_presets(tmp_path):
     (tmp_path / "child.json").write_text(json.dumps({**child, "extends": "missing"}))
     with pytest.raises(ValueError, match="unknown training preset 'missing'"):
         resolve(str(tmp_path / "child.json"), [])
-    # The bundled stage presets extend one another: stage 7 keeps stage 3's loader and eval.
-    stage7, stage3 = resolve("default-stage7", []), resolve("default-stage3", [])
+    # The bundled recipe's stages extend one another: stage 7 keeps stage 3's loader and eval.
+    stage7, stage3 = resolve("default:stage7", []), resolve("default:stage3", [])
     assert stage7.data.batch_size == stage3.data.batch_size == 16 and stage7.eval == stage3.eval
-    assert stage7.steps == 1645 and stage7.seed == 9 and stage7.checkpoint.every == 100
+    assert stage7.time_budget_s == 4800 and stage7.seed == 9 and stage7.checkpoint.every == 100

@@ -1,4 +1,4 @@
-"""Typed training configuration, named presets (``training/presets/*.json``) and
+"""Typed training configuration, named presets and recipes (``training/presets/*.json``) and
 command-line overrides of any field: ``--optim.lr 1e-4``, ``--data.batch_size 16``,
 ``--data.sources '[{"shards": "shards/evqa", "kind": "qa"}]'``."""
 
@@ -88,6 +88,13 @@ class TrainConfig:
     """``fp32``; ``bf16`` (bf16 autocast, trainable weights in fp32); ``bf16-frozen``
     (as bf16, and the frozen backbones stored in bf16 too: less memory, faster on CPU)."""
     device: str = "auto"
+    prefix_cache: str = "auto"
+    """Cache the frozen LM's hidden states below the first cross-attention layer (a fixed
+    function of each training text), built before training beside the shards (or in
+    ``data.prefix_cache_dir``), so each step runs only the layers from there up. It holds
+    the added tokens' embedding rows frozen. ``auto``: on where it pays (cross-attention
+    not from layer 0, and a run longer than one epoch of its data), otherwise off with the
+    reason printed; ``on``; ``off``."""
     seed: int = 0
     log_every: int = 10
     tensorboard: bool = True
@@ -100,6 +107,8 @@ class TrainConfig:
             self.eval.data.validate()
         if self.precision not in ("fp32", "bf16", "bf16-frozen"):
             raise ValueError(f"precision must be fp32, bf16 or bf16-frozen, got {self.precision!r}")
+        if self.prefix_cache not in ("auto", "on", "off"):
+            raise ValueError(f"prefix_cache must be auto, on or off, got {self.prefix_cache!r}")
         if self.parallel.strategy not in ("auto", "none", "ddp", "fsdp"):
             raise ValueError(f"parallel.strategy must be auto, none, ddp or fsdp, got {self.parallel.strategy!r}")
         if self.steps < 1 or self.grad_accum < 1:
@@ -190,12 +199,18 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 def load_preset(name: str, _chain: tuple[Path, ...] = ()) -> dict:
     """A training preset as a dict. ``"extends": "other-preset"`` starts from that preset
     (a name in the same folder, or a path) and overrides it key by key: sections merge,
-    lists and values replace."""
+    lists and values replace. ``recipe:stage`` is one stage of a recipe
+    (:mod:`training.recipe`)."""
+    from .recipe import is_recipe, known_presets, recipe_stage
+
+    stage = None
+    if ":" in name:
+        name, stage = name.rsplit(":", 1)
     path = Path(name)
     if not path.suffix:
         path = (_chain[-1].parent if _chain else PRESET_DIR) / f"{name}.json"
     if not path.is_file():
-        known = ", ".join(sorted(p.stem for p in PRESET_DIR.glob("*.json")))
+        known = ", ".join(known_presets(PRESET_DIR))
         raise ValueError(f"unknown training preset {name!r}; presets: {known}")
     chain = (*_chain, path.resolve())
     if path.resolve() in _chain:
@@ -204,6 +219,10 @@ def load_preset(name: str, _chain: tuple[Path, ...] = ()) -> dict:
         data = json.loads(path.read_text())
     except ValueError as e:
         raise ValueError(f"training preset {path}: not valid JSON: {e}") from e
+    if is_recipe(data):
+        return recipe_stage(data, path, stage)
+    if stage is not None:
+        raise ValueError(f"training preset {path.stem} is not a recipe: it has no stage {stage!r}")
     base = data.pop("extends", None)
     if base is None:
         return data
@@ -212,9 +231,17 @@ def load_preset(name: str, _chain: tuple[Path, ...] = ()) -> dict:
     return _merge(load_preset(base, chain), data)
 
 
-def resolve(preset: str | None, overrides: list[str]) -> TrainConfig:
+def resolve(preset: str | None, overrides: list[str], validate: bool = True) -> TrainConfig:
+    """The config of ``preset`` (a name, ``recipe:stage`` or a path) with ``overrides``;
+    ``"select": "@name"`` and ``tiny:`` paths are resolved last, so overrides use them too.
+    ``validate=False`` skips the checks of values (not of names and types): to show a
+    config that is not complete yet, such as the defaults, which have no data sources."""
+    from .recipe import apply_selections
+    from .tiny import expand_tiny_paths
+
     base = TrainConfig().to_dict() if preset is None else _merge(TrainConfig().to_dict(), load_preset(preset))
-    return from_dict(apply_overrides(base, overrides))
+    data = expand_tiny_paths(apply_selections(apply_overrides(base, overrides)))
+    return from_dict(data) if validate else _build(TrainConfig, data, "config")
 
 
 def _merge(base: dict, update: dict) -> dict:

@@ -1,7 +1,7 @@
 """``vlm-train`` / ``python -m training.train``: one command from a laptop CPU to many GPUs.
 
-    vlm-train --preset tiny-shapes --steps 200
-    torchrun --nproc_per_node 2 -m training.train --preset tiny-shapes --parallel.strategy fsdp
+    vlm-train --preset tiny --steps 200
+    torchrun --nproc_per_node 2 -m training.train --preset tiny --parallel.strategy fsdp
     vlm-train --preset default-mix --optim.lr 2e-4 --checkpoint.dir runs/mine   # resumes by itself
 
 Any field of :class:`training.config.TrainConfig` can be set with ``--section.field value``.
@@ -28,8 +28,10 @@ from vlm.fileio import write_text
 
 from . import checkpoint as ckpt
 from .config import TrainConfig, resolve
+from .data import prefix_cache
 from .data.decode import SkipCounter
 from .data.loader import is_report_only, make_loader
+from .data.shards import expand_shards
 from .distributed import Dist, all_reduce_mean, apply_activation_checkpointing, no_gradient_sync, setup, teardown, wrap
 
 NO_DECAY = ("_gate", "latents", "media_time", "new_rows", "norm", "bias")
@@ -100,8 +102,8 @@ def lr_lambda(optim, steps: int):
 class Batches:
     """Endless batches of one rank with a resumable position ``(epoch, batch_in_epoch)``."""
 
-    def __init__(self, cfg, processor, d: Dist, epoch: int = 0, position: int = 0):
-        self.loader = make_loader(cfg, processor, d.rank, d.world_size)
+    def __init__(self, cfg, processor, d: Dist, epoch: int = 0, position: int = 0, prefix=None):
+        self.loader = make_loader(cfg, processor, d.rank, d.world_size, prefix)
         self.epoch, self.position = epoch, position
         self.skipped = SkipCounter()
         self._iter = self._start(skip=position)
@@ -138,8 +140,77 @@ def to_device(batch: dict, device: torch.device) -> dict:
 
 def forward_loss(model, batch: dict, autocast) -> torch.Tensor:
     with autocast:
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"], return_logits=False)
+        out = model(
+            batch["images"],
+            batch["input_ids"],
+            batch["attention_mask"],
+            batch["labels"],
+            return_logits=False,
+            prefix=batch.get("prefix"),
+        )
     return out.loss
+
+
+def count_samples(shards: str) -> int:
+    from vlm.tario import ShardError, iter_tar_samples
+
+    n = 0
+    for url in expand_shards(shards):
+        try:
+            n += sum(1 for sample in iter_tar_samples(url) if not sample.problem)
+        except ShardError:
+            pass
+    return n
+
+
+def prefix_cache_off_reason(cfg: TrainConfig, model, world_size: int) -> str | None:
+    """Why ``prefix_cache: auto`` leaves the cache off for this run, or None where it pays."""
+    layer = model.first_cross_attn_layer
+    if layer == 0:
+        return "cross-attention starts at layer 0, so no layer runs on text alone"
+    batches = cfg.steps * cfg.grad_accum  # per rank
+    if cfg.data.resampled:
+        epoch = cfg.data.epoch_batches
+    else:
+        samples = sum(count_samples(s.shards) for s in cfg.data.sources)
+        epoch = samples // (cfg.data.batch_size * world_size)
+        if cfg.data.epoch_batches:
+            epoch = min(epoch, cfg.data.epoch_batches)
+    if batches <= epoch:
+        return f"the run ({batches} batches a rank) sees its data at most once (an epoch is {epoch} batches a rank)"
+    return None
+
+
+def setup_prefix_cache(cfg: TrainConfig, core, processor, d: Dist, say) -> prefix_cache.PrefixLookup | None:
+    """Decide on the prefix cache; where it is on, freeze the added rows, build what is
+    missing or stale (rank 0, the others wait) and return the loader's lookup."""
+    if cfg.prefix_cache == "off":
+        return None
+    if cfg.prefix_cache == "auto":
+        reason = prefix_cache_off_reason(cfg, core, d.world_size)
+        if reason is not None:
+            say(f"prefix cache off: {reason}; every step runs the whole LM")
+            return None
+    elif core.first_cross_attn_layer == 0:
+        raise ValueError("prefix_cache on: cross-attention starts at layer 0, so there is no text-only prefix")
+    layer = core.first_cross_attn_layer
+    # The added rows enter the layers below the first cross-attention layer: with their
+    # effect there cached they must not change (and the cache's fingerprint holds them).
+    core.embed.new_rows.requires_grad_(False)
+    say(
+        f"prefix cache on: layers 0-{layer - 1} run once per sample, before training; the added tokens' "
+        "embedding rows are held frozen"
+    )
+    storage = "bf16" if cfg.precision.startswith("bf16") else "fp32"
+    autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if storage == "bf16" else None
+    prints = [None]
+    if d.is_main:
+        prints[0], _ = prefix_cache.ensure(
+            core, processor, cfg.data.sources, storage, cfg.data.prefix_cache_dir, autocast=autocast, log=say
+        )
+    if d.enabled:
+        torch.distributed.broadcast_object_list(prints, src=0)
+    return prefix_cache.PrefixLookup(prints[0], cfg.data.prefix_cache_dir)
 
 
 @torch.no_grad()
@@ -292,6 +363,14 @@ def train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed)
     model, processor = build_model(cfg)
     core = model.to(d.device)
+    # Plain data only (weights_only): a run folder from someone else cannot run code here.
+    resume = ckpt.load_resume(cfg.checkpoint.resume, cfg.checkpoint.dir, log=_say if d.is_main else _quiet)
+    if resume is not None and "embed.new_rows" in resume.trainable:
+        # The prefix cache's key holds the added rows the run goes on with (a run resumed
+        # with the cache after training them without it must not use a cache of the old ones).
+        with torch.no_grad():
+            core.embed.new_rows.copy_(resume.trainable["embed.new_rows"])
+    prefix = setup_prefix_cache(cfg, core, processor, d, _say if d.is_main else _quiet)
     if cfg.parallel.activation_checkpointing:
         apply_activation_checkpointing(core)
     strategy = cfg.parallel.strategy if cfg.parallel.strategy != "auto" else ("ddp" if d.world_size > 1 else "none")
@@ -305,8 +384,6 @@ def train(cfg: TrainConfig) -> dict:
     autocast = torch.autocast(d.device.type, dtype=torch.bfloat16) if bf16 and strategy != "fsdp" else nullcontext()
 
     step, epoch, position, bad_total = 0, 0, 0, 0
-    # Plain data only (weights_only): a run folder from someone else cannot run code here.
-    resume = ckpt.load_resume(cfg.checkpoint.resume, cfg.checkpoint.dir, log=_say if d.is_main else _quiet)
     if resume is not None:
         state = resume.state
         load_state(model, core, optimizer, state, resume.trainable, strategy)
@@ -323,7 +400,7 @@ def train(cfg: TrainConfig) -> dict:
     timed: list[tuple[list[int], float]] = []  # (micro-batch sources, seconds) of the steps timed for the budget
     if d.is_main:
         print(json.dumps(cfg.to_dict(), indent=2), flush=True)
-    batches = Batches(cfg.data, processor, d, epoch, position)
+    batches = Batches(cfg.data, processor, d, epoch, position, prefix)
     logger = Logger(cfg, d, step)
     per_step = cfg.data.batch_size * cfg.grad_accum * d.world_size
     bar = tqdm(total=cfg.steps, initial=step, disable=not d.is_main, desc="train", dynamic_ncols=True)
@@ -449,7 +526,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
     args, overrides = parser.parse_known_args(argv)
     try:
-        cfg = resolve(args.preset, overrides)
+        cfg = resolve(args.preset, overrides, validate=not args.print_config)
     except (ValueError, FileNotFoundError) as e:
         parser.exit(2, f"vlm-train: error: {e}\n")
     if args.print_config:

@@ -7,6 +7,11 @@ a keyword argument: current transformers decoders forward ``**kwargs`` to every
 layer, and wrapping all layers keeps that keyword away from the original ones.
 New tokens (``<image>``, ``<|endofchunk|>``) get their own small embedding; the
 original table stays frozen and untouched.
+
+A per-call :class:`PrefixState` (keyword :data:`PREFIX_KWARG`) starts the stack at its
+layer ``L``: layers below it hand their input on untouched, and layer ``L`` takes the
+given hidden states instead of its input (a training cache of the frozen prefix), or,
+in capture mode, records its input and the layers from ``L`` up hand theirs on.
 """
 
 from __future__ import annotations
@@ -17,6 +22,28 @@ from torch import nn
 from .xattn import GatedCrossAttentionBlock, MediaState
 
 MEDIA_KWARG = "vlm_media"
+PREFIX_KWARG = "vlm_prefix"
+
+
+class PrefixState:
+    """Hidden states entering decoder layer ``layer`` for one call.
+
+    ``hidden`` (B, S, D) given: layers below ``layer`` are skipped and ``layer`` starts
+    from it. ``capture=True``: ``layer`` stores its input in ``hidden`` and it and the
+    layers above are skipped. A plain object on purpose: FSDP casts and copies tensors
+    and dataclasses in a call's arguments, and the capture must land in this one."""
+
+    def __init__(self, layer: int, hidden: torch.Tensor | None = None, capture: bool = False):
+        if (hidden is None) != capture:
+            raise ValueError("give either the hidden states or capture=True")
+        self.layer = layer
+        self.hidden = hidden
+        self.capture = capture
+
+
+# Whether a decoder layer class returns a tuple (older families) or a tensor (Llama and
+# most others in transformers 5), learnt from its first real call.
+_RETURNS_TUPLE: dict[type, bool] = {}
 
 
 class CrossAttnDecoderLayer(nn.Module):
@@ -30,13 +57,40 @@ class CrossAttnDecoderLayer(nn.Module):
 
     def forward(self, *args, **kwargs):
         media: MediaState | None = kwargs.pop(MEDIA_KWARG, None)
+        prefix: PrefixState | None = kwargs.pop(PREFIX_KWARG, None)
+        if prefix is not None:
+            hidden = args[0] if args else kwargs["hidden_states"]
+            skip = self.index < prefix.layer if not prefix.capture else self.index >= prefix.layer
+            if prefix.capture and self.index == prefix.layer:
+                prefix.hidden = hidden
+            if skip:
+                return self._pass_on(hidden, args, kwargs)
+            if self.index == prefix.layer:
+                start = prefix.hidden.to(hidden.dtype)  # (B, S, D)
+                args, kwargs = self._with_hidden(start, args, kwargs)
         if self.xattn is not None and media is not None:
             media.visits.n += 1
             if args:
                 args = (self.xattn(args[0], media, self.index), *args[1:])
             else:
                 kwargs["hidden_states"] = self.xattn(kwargs["hidden_states"], media, self.index)
-        return self.decoder_layer(*args, **kwargs)
+        out = self.decoder_layer(*args, **kwargs)
+        _RETURNS_TUPLE.setdefault(type(self.decoder_layer), isinstance(out, tuple))
+        return out
+
+    @staticmethod
+    def _with_hidden(hidden: torch.Tensor, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
+
+    def _pass_on(self, hidden: torch.Tensor, args: tuple, kwargs: dict):
+        """The layer's input as its output, in the form the wrapped layer returns."""
+        kind = type(self.decoder_layer)
+        if kind not in _RETURNS_TUPLE:  # once per layer class: run it to see what it returns
+            with torch.no_grad():
+                _RETURNS_TUPLE[kind] = isinstance(self.decoder_layer(*args, **kwargs), tuple)
+        return (hidden,) if _RETURNS_TUPLE[kind] else hidden
 
     def __getattr__(self, name: str):
         # Model code sometimes reads attributes of its layers (e.g. attention_type).

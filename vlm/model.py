@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import VLMConfig
-from .lm import MEDIA_KWARG, OutputHead, TokenEmbedding, find_decoder
+from .lm import MEDIA_KWARG, PREFIX_KWARG, OutputHead, PrefixState, TokenEmbedding, find_decoder
 from .resampler import PerceiverResampler
 from .vision import VisionEncoder
 from .xattn import MediaState
@@ -72,7 +72,18 @@ class VLM(nn.Module):
         return find_decoder(self.lm)[1]
 
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: p for name, p in self.named_parameters() if p.requires_grad}
+        state = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        # The added tokens' rows are the adapter's even while a run holds them frozen
+        # (a prefix cache fixes their effect below the first cross-attention layer).
+        state.setdefault("embed.new_rows", self.embed.new_rows)
+        if self.head.new_rows is not None:
+            state.setdefault("head.new_rows", self.head.new_rows)
+        return state
+
+    @property
+    def first_cross_attn_layer(self) -> int:
+        """The first decoder layer that sees images: everything below it is a fixed function of the text."""
+        return min(self.cross_attn_layers)
 
     # ------------------------------------------------------------------ pieces
 
@@ -104,14 +115,22 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         media: MediaState | None = None,
         cache=None,
+        prefix: torch.Tensor | PrefixState | None = None,
         **decoder_kwargs,
     ):
         """Run the decoder stack; returns the transformers output (``last_hidden_state`` (B, S, D)).
 
         ``cache`` (a transformers ``Cache``) goes to the decoder under whichever name its
-        transformers version uses."""
+        transformers version uses. ``prefix`` (B, S, D): the hidden states entering the
+        first cross-attention layer, as :meth:`prefix_hidden_states` computes them; the
+        layers below it are then skipped (embedding, mask and rotary tables are still
+        computed by the decoder, which is cheap)."""
         embeds = self.embed(input_ids)  # (B, S, D)
         kwargs = dict(decoder_kwargs)
+        if isinstance(prefix, torch.Tensor):
+            prefix = PrefixState(self.first_cross_attn_layer, prefix)
+        if prefix is not None:
+            kwargs[PREFIX_KWARG] = prefix
         if cache is not None:
             kwargs[self._cache_kwarg] = cache
         if media is not None:
@@ -127,6 +146,17 @@ class VLM(nn.Module):
             )
         return out
 
+    @torch.no_grad()
+    def prefix_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The hidden states entering the first cross-attention layer, (B, S, D): a fixed
+        function of the text, computed exactly as :meth:`forward` computes them (same
+        embedding, mask and positions); the layers from there up are skipped."""
+        state = PrefixState(self.first_cross_attn_layer, capture=True)
+        self.hidden_states(input_ids, attention_mask, prefix=state)
+        if state.hidden is None:
+            raise RuntimeError(f"{type(self.lm).__name__} did not reach layer {state.layer}")
+        return state.hidden
+
     # ------------------------------------------------------------------ forward
 
     def forward(
@@ -136,8 +166,10 @@ class VLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
+        prefix: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """``images`` (B, T, C, H, W); ``input_ids``, ``attention_mask``, ``labels`` (B, S).
+        """``images`` (B, T, C, H, W); ``input_ids``, ``attention_mask``, ``labels`` (B, S);
+        ``prefix`` (B, S, D), optional: see :meth:`hidden_states`.
 
         Labels are aligned with ``input_ids`` (shifted here); ``-100`` is ignored. With
         ``return_logits=False`` logits are computed only where labels are, which is
@@ -146,7 +178,7 @@ class VLM(nn.Module):
         media = None
         if images is not None:
             media = self.media_state(self.encode_images(images), input_ids)
-        hidden = self.hidden_states(input_ids, attention_mask, media).last_hidden_state  # (B, S, D)
+        hidden = self.hidden_states(input_ids, attention_mask, media, prefix=prefix).last_hidden_state  # (B, S, D)
         logits = self.head(hidden) if return_logits else None
         loss = None
         if labels is not None:

@@ -7,6 +7,7 @@ vlm-data emoji --split train --kind caption --out shards/emoji
 vlm-data shapes --split train --count 20000 --out shards/shapes
 vlm-data sketch --split train --count 20000 --out shards/sketch
 vlm-data inspect 'shards/evqa/easy-vqa-train-{000000..000038}.tar' --kind qa
+vlm-data cache --model default --shards shards/sketch --kind sketch --precision bf16-frozen
 """
 
 from __future__ import annotations
@@ -85,6 +86,31 @@ def inspect(spec: str, kind: str) -> int:
     return 0
 
 
+def cache(args) -> int:
+    """Build the trainer's prefix cache (:mod:`training.data.prefix_cache`) for some shards,
+    for the model and precision a run will use; report its size."""
+    import torch
+
+    from ..config import ModelConfig, TrainConfig
+    from ..train import build_model
+    from .loader import SourceConfig
+    from .prefix_cache import ensure
+
+    cfg = TrainConfig(model=ModelConfig(preset=args.model, init_from=args.init_from), precision=args.precision)
+    model, processor = build_model(cfg)
+    if model.first_cross_attn_layer == 0:
+        print("cross-attention starts at layer 0: there is no text-only prefix to cache", file=sys.stderr)
+        return 1
+    device = torch.device(args.device)
+    model.to(device)
+    storage = "bf16" if args.precision.startswith("bf16") else "fp32"
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if storage == "bf16" else None
+    source = SourceConfig(args.shards, args.kind, max_tokens=args.max_tokens)
+    source.validate()
+    ensure(model, processor, [source], storage, args.cache_dir, args.batch_size, autocast)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlm-data", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="source", required=True)
@@ -114,9 +140,21 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("inspect", help="read shards back and count usable and skipped samples")
     p.add_argument("shards")
     p.add_argument("--kind", required=True, choices=FORMATS)
+    p = sub.add_parser("cache", help="build the trainer's prefix cache of the frozen LM for shards")
+    p.add_argument("--model", required=True, help="a vlm preset name or a model folder (the run's --model.preset)")
+    p.add_argument("--init-from", help="the run's --model.init_from (the added rows are part of the cache's key)")
+    p.add_argument("--shards", required=True, help="brace pattern, folder or file (as a data source's shards)")
+    p.add_argument("--kind", required=True, choices=FORMATS)
+    p.add_argument("--max-tokens", type=int, default=2048, help="the source's max_tokens")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-frozen"], help="the run's precision")
+    p.add_argument("--cache-dir", help="the run's data.prefix_cache_dir (default: beside each shard)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
     try:
+        if args.source == "cache":
+            return cache(args)
         if args.source == "inspect":
             return inspect(args.shards, args.kind)
         if args.source == "folder":

@@ -2,7 +2,9 @@
 mixed from weighted sources, decoded robustly and tokenised in the worker processes.
 
 Each batch is a dict of padded tensors (``input_ids``, ``attention_mask``, ``labels``
-(B, S); ``images`` (B, T, C, H, W)), the samples' ``keys``, and ``skipped``: the
+(B, S); ``images`` (B, T, C, H, W); with a prefix cache, ``prefix`` (B, S, D): the
+cached hidden states entering the first cross-attention layer, see
+:mod:`training.data.prefix_cache`), the samples' ``keys``, and ``skipped``: the
 samples this worker skipped (or kept truncated) since its previous batch, by reason, so
 the trainer can add them up and report them.
 
@@ -42,6 +44,7 @@ from .decode import (
     fit_tokens,
     skip_reason,
 )
+from .prefix_cache import PrefixLookup
 from .shards import FORMATS, as_raw, expand_shards
 
 log = logging.getLogger(__name__)
@@ -115,6 +118,9 @@ class LoaderConfig:
     drop_last: bool = True
     """Drop the last, smaller batch of an epoch instead of yielding it."""
     seed: int = 0
+    prefix_cache_dir: str | None = None
+    """Where the trainer's prefix cache files go (``--prefix_cache``); by default beside
+    each shard. Set it when the shard folders are read-only."""
     barren_shards: int = 16
     """Resampled mode: a source whose last ``barren_shards`` distinct shards in a row (all its
     shards, when it has fewer) gave no usable sample is dropped from the mixture with a
@@ -215,10 +221,18 @@ def dist_info() -> tuple[int, int]:
 class ShardStream(IterableDataset):
     """The batches of one rank; give it to a DataLoader with ``batch_size=None``."""
 
-    def __init__(self, cfg: LoaderConfig, processor: Processor, rank: int | None = None, world_size: int | None = None):
+    def __init__(
+        self,
+        cfg: LoaderConfig,
+        processor: Processor,
+        rank: int | None = None,
+        world_size: int | None = None,
+        prefix: PrefixLookup | None = None,
+    ):
         cfg.validate()
         self.cfg = cfg
         self.processor = processor
+        self.prefix = prefix
         default_rank, default_world = dist_info()
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
@@ -265,6 +279,7 @@ class ShardStream(IterableDataset):
                         left_out += 1
                         continue
                     raw["__shard__"] = serial
+                    raw["__shard_url__"] = url
                     passed += 1
                     yield raw
             except ShardError as e:
@@ -303,6 +318,7 @@ class ShardStream(IterableDataset):
         """``(ids, labels, pixels, truncated)`` of one sample, or an exception saying why not."""
         example = decode_sample(raw, source.kind, self.cfg.max_pixels)
         ids, labels = self.processor.encode(example_segments(self.processor, example))
+        # The prefix cache builds its ids with this same path (prefix_cache.encode_for_cache).
         ids, labels, truncated = fit_tokens(ids, labels, source.max_tokens)
         # Only the images whose marker survived a cut are transformed and fed.
         n_images = sum(t == self.processor.image_token_id for t in ids)
@@ -330,7 +346,7 @@ class ShardStream(IterableDataset):
         limit = math.inf
         if self.cfg.epoch_batches:
             limit = math.ceil(self.cfg.epoch_batches / workers)
-        encoded, pixels, keys, batches = [], [], [], 0
+        encoded, pixels, keys, prefixes, batches = [], [], [], [], 0
         origins: set[int] = set()  # the sources in the batch being filled
         dropped: list[str] = []
         current = None
@@ -366,23 +382,31 @@ class ShardStream(IterableDataset):
                 continue
             if truncated:
                 skipped["truncated"] += 1
+            if self.prefix is not None:  # a mismatch is the run's problem, not the sample's: it raises
+                prefixes.append(self.prefix.get(raw["__shard_url__"], source.index, raw["__key__"], ids))
             encoded.append((ids, labels))
             pixels.append(px)
             keys.append(raw.get("__key__", ""))
             origins.add(source.index)
             if len(encoded) == self.cfg.batch_size:
-                yield self._batch(encoded, pixels, keys, skipped, origins)
-                encoded, pixels, keys, batches = [], [], [], batches + 1
+                yield self._batch(encoded, pixels, keys, skipped, origins, prefixes)
+                encoded, pixels, keys, prefixes, batches = [], [], [], [], batches + 1
                 origins, current = set(), None
         if dropped and not sources:
             raise RuntimeError("no usable samples from any data source: " + "; ".join(dropped))
         if encoded and not self.cfg.drop_last and batches < limit:
-            yield self._batch(encoded, pixels, keys, skipped, origins)
+            yield self._batch(encoded, pixels, keys, skipped, origins, prefixes)
         elif skipped:
             yield {"skipped": dict(skipped)}  # a final report with no samples
 
-    def _batch(self, encoded, pixels, keys, skipped: SkipCounter, origins: set[int]) -> dict:
+    def _batch(self, encoded, pixels, keys, skipped: SkipCounter, origins: set[int], prefixes=()) -> dict:
         batch = self.processor.collate(encoded, pixels)
+        if prefixes:
+            first = prefixes[0]
+            prefix = first.new_zeros(len(prefixes), batch["input_ids"].shape[1], first.shape[-1])  # (B, S, D)
+            for i, p in enumerate(prefixes):
+                prefix[i, : p.shape[0]] = p
+            batch["prefix"] = prefix
         batch["keys"] = keys
         # The index of the one source the batch came from, or -1 if it mixes sources: the
         # trainer's time budget weighs each source's step time by its share of batches.
@@ -393,10 +417,15 @@ class ShardStream(IterableDataset):
 
 
 def make_loader(
-    cfg: LoaderConfig, processor: Processor, rank: int | None = None, world_size: int | None = None
+    cfg: LoaderConfig,
+    processor: Processor,
+    rank: int | None = None,
+    world_size: int | None = None,
+    prefix: PrefixLookup | None = None,
 ) -> DataLoader:
-    """A DataLoader over :class:`ShardStream`; batches come from ``cfg.num_workers`` workers."""
-    stream = ShardStream(cfg, processor, rank, world_size)
+    """A DataLoader over :class:`ShardStream`; batches come from ``cfg.num_workers`` workers.
+    With ``prefix``, each batch carries the cached prefix of its samples."""
+    stream = ShardStream(cfg, processor, rank, world_size, prefix)
     return DataLoader(stream, batch_size=None, num_workers=cfg.num_workers, persistent_workers=False)
 
 
