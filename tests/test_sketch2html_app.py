@@ -157,6 +157,14 @@ def test_sketch_to_html_returns_one_valid_document_per_image(checkpoint, sketche
     assert sketch2html.sketch_to_html(model, processor, []) == []
 
 
+def test_one_sketch_alone_gives_the_page_it_gets_in_a_batch(checkpoint, sketches):
+    # One sketch decodes with prompt-lookup drafts, a batch with plain greedy: same pages.
+    model, processor = vlm.load_model(checkpoint, verbose=False)
+    batched = sketch2html.sketch_to_html(model, processor, sketches, max_new_tokens=40)
+    alone = [sketch2html.sketch_to_html(model, processor, [s], max_new_tokens=40)[0] for s in sketches]
+    assert alone == batched
+
+
 def test_render_without_chromium_exits_2_with_install_hint(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("VLM_CHROMIUM", str(tmp_path / "no-such-browser"))
     (tmp_path / "x.png").write_bytes(b"")
