@@ -15,10 +15,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from training.data.loader import LoaderConfig, SourceConfig, is_report_only, make_loader
-from training.data.shapes import generate_scenes
-from training.data.shards import ShardWriter, caption_sample, image_bytes
 from vlm.factory import create_model_and_transforms
+from vlm_train.data.loader import LoaderConfig, SourceConfig, is_report_only, make_loader
+from vlm_train.data.shapes import generate_scenes
+from vlm_train.data.shards import ShardWriter, caption_sample, image_bytes
 
 
 def write_shards(folder: Path, count: int) -> None:

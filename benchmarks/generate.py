@@ -129,9 +129,9 @@ def int8_quality(model, processor, quantized, new_tokens: int) -> None:
 def sketch_lookup(model, processor, count: int, drafts: list[int]) -> None:
     """Plain greedy against prompt-lookup decoding on the first ``count`` test sketches,
     batch of one, interleaved per sketch; checks the tokens are identical."""
-    from training.data.sketch2html import page_at
     from vlm.processor import SKETCH_PROMPT
     from vlm.session import Session
+    from vlm_train.data.sketch2html import page_at
 
     segments = processor.chat_segments([(SKETCH_PROMPT, None)])
     passes = [0]

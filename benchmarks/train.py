@@ -31,8 +31,8 @@ from pathlib import Path
 import torch
 
 import vlm
-from training.train import build_model, cast_frozen, param_groups
 from vlm.config import get_preset
+from vlm_train.train import build_model, cast_frozen, param_groups
 
 SMOLLM2_SHAPE = dict(
     hidden_size=576,
@@ -96,7 +96,7 @@ def fake_batch(model, batch: int, length: int, image_size: int, device: torch.de
 
 
 def run(args, precision: str) -> dict:
-    from training.config import TrainConfig
+    from vlm_train.config import TrainConfig
 
     device = torch.device(args.device)
     cfg = TrainConfig()
@@ -160,7 +160,7 @@ def run(args, precision: str) -> dict:
 
 def _samples(built, processor, kind: str, max_tokens: int = 2048):
     """``(encoded, pixels)`` of generated shard samples through the loader's own path."""
-    from training.data.decode import decode_sample, example_segments, fit_tokens
+    from vlm_train.data.decode import decode_sample, example_segments, fit_tokens
 
     encoded, pixels = [], []
     for sample, _ in built:
@@ -197,10 +197,10 @@ def _timed_steps(model, opt, runs: list[tuple[dict, torch.Tensor | None]], steps
 
 def compare(args) -> int:
     """Issue #19's figures, side by side in one process (see the module docstring)."""
-    from training.config import TrainConfig
-    from training.data import builders, prefix_cache
-    from training.data.loader import SourceConfig
-    from training.data.shards import ShardWriter
+    from vlm_train.config import TrainConfig
+    from vlm_train.data import builders, prefix_cache
+    from vlm_train.data.loader import SourceConfig
+    from vlm_train.data.shards import ShardWriter
 
     cfg = TrainConfig()
     cfg.precision = "bf16-frozen"

@@ -22,9 +22,10 @@ import argparse
 import torch
 from probe_colour import probe
 
-# _height is the page grammar's own block height (no public name for it yet).
-from training.data.sketch2html import GAP, INNER, MARGIN, SKETCH_SIZE, _height, page_at
 from vlm import load_model
+
+# _height is the page grammar's own block height (no public name for it yet).
+from vlm_train.data.sketch2html import GAP, INNER, MARGIN, SKETCH_SIZE, _height, page_at
 
 KINDS = (
     "empty",

@@ -17,7 +17,7 @@ for arm in ${arms[@]}; do
   if [ ! -f "$run/eval/markup.json" ]; then
     "$bin/vlm-train" --preset experiments/sketch-ablation.json --model.preset "$home/$arm/init" \
       --checkpoint.dir "$run" --steps "$steps"
-    "$bin/python" -c "from training.checkpoint import export_latest; export_latest('$run', '$run/export')"
+    "$bin/python" -c "from vlm_train.checkpoint import export_latest; export_latest('$run', '$run/export')"
     mkdir -p "$run/eval"
     "$bin/vlm-eval" --model "$run/export" --task sketch --limit 100 --batch-size 16 \
       --out "$run/eval/sketch.json" --predictions "$run/eval/sketch.jsonl"

@@ -47,8 +47,8 @@ def init(root: Path, names: list[str]) -> None:
 def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8) -> dict:
     """Teacher-forced next-token accuracy on the target tokens of test sketches, split into
     markup (inside ``<...>``) and text tokens."""
-    from training.data.decode import decode_sample, example_segments
-    from training.data.shards import expand_shards, iter_tar
+    from vlm_train.data.decode import decode_sample, example_segments
+    from vlm_train.data.shards import expand_shards, iter_tar
 
     model, processor = vlm.load_model(model_dir, verbose=False)
     model.eval()

@@ -31,8 +31,8 @@ logging.disable(logging.WARNING)
 from pathlib import Path
 import vlm
 from vlm.tiny import make_tiny_lm, tiny_config
-from training.data import builders
-from training.data.cli import write
+from vlm_train.data import builders
+from vlm_train.data.cli import write
 w = Path(sys.argv[1])
 make_tiny_lm(w / "lm", "llama", chat=True)
 torch.manual_seed(0)
@@ -44,7 +44,7 @@ PY
 common=(--model.preset "$work/init" --data.sources "[{\"shards\": \"$work/train\", \"kind\": \"qa\"}]"
   --eval.data "{\"sources\": [{\"shards\": \"$work/val\", \"kind\": \"qa\"}], \"num_workers\": 0}"
   --eval.every 20 --data.batch_size 16 --data.num_workers 2 --optim.lr 3e-3 --optim.warmup_steps 5 --log_every 10 --device cuda)
-run() { python3 -m torch.distributed.run --nproc_per_node 1 -m training.train "$@" 2>&1 | grep -v "^  \|^{\|^}\|Loading weights" | tail -6; }
+run() { python3 -m torch.distributed.run --nproc_per_node 1 -m vlm_train.train "$@" 2>&1 | grep -v "^  \|^{\|^}\|Loading weights" | tail -6; }
 run "${common[@]}" --parallel.strategy fsdp --precision bf16 --steps 20 --checkpoint.every 10 --checkpoint.dir "$work/fsdp" || echo "FAILED: fsdp"
 run "${common[@]}" --parallel.strategy fsdp --precision bf16 --steps 30 --checkpoint.every 10 --checkpoint.dir "$work/fsdp" || echo "FAILED: fsdp resume"
 run "${common[@]}" --parallel.strategy ddp --precision bf16-frozen --parallel.activation_checkpointing true --steps 20 --checkpoint.every 20 --checkpoint.dir "$work/ddp" || echo "FAILED: ddp"

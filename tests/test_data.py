@@ -11,12 +11,12 @@ import torch
 from conftest import shape_image
 from PIL import Image
 
-from training.data import builders
-from training.data.cli import main as data_main
-from training.data.decode import SkipSample, decode_image
-from training.data.loader import LoaderConfig, ShardStream, SourceConfig, is_report_only, make_loader
-from training.data.shards import ShardWriter, caption_sample, image_bytes, interleaved_sample, iter_tar, qa_sample
 from vlm.model import IGNORE_INDEX
+from vlm_train.data import builders
+from vlm_train.data.cli import main as data_main
+from vlm_train.data.decode import SkipSample, decode_image
+from vlm_train.data.loader import LoaderConfig, ShardStream, SourceConfig, is_report_only, make_loader
+from vlm_train.data.shards import ShardWriter, caption_sample, image_bytes, interleaved_sample, iter_tar, qa_sample
 
 
 def _png(color="red", mode="RGB", size=24):

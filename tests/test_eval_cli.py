@@ -5,10 +5,10 @@ import json
 import pytest
 from conftest import make_checkpoint, shape_image
 
-from training.data import builders
-from training.data.cli import write
-from training.data.shards import ShardWriter, caption_sample, image_bytes, qa_sample
-from training.eval.cli import main as eval_main
+from vlm_train.data import builders
+from vlm_train.data.cli import write
+from vlm_train.data.shards import ShardWriter, caption_sample, image_bytes, qa_sample
+from vlm_train.eval.cli import main as eval_main
 
 
 @pytest.fixture(scope="module")

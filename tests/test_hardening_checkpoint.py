@@ -13,13 +13,13 @@ from conftest import make_checkpoint, shape_image
 from safetensors.torch import load_file, save_file
 
 import vlm
-from training import checkpoint as ckpt
-from training.data.shards import ShardWriter, caption_sample, image_bytes
-from training.train import main as train_main
 from vlm.config import VisionConfig
 from vlm.factory import CONFIG_FILE, WEIGHTS_FILE
 from vlm.tiny import make_tiny_lm, tiny_config, tiny_vision_config
 from vlm.vision import create_vision_encoder
+from vlm_train import checkpoint as ckpt
+from vlm_train.data.shards import ShardWriter, caption_sample, image_bytes
+from vlm_train.train import main as train_main
 
 
 class Payload:
@@ -296,9 +296,9 @@ def test_a_poisoned_checkpoint_runs_nothing_through_the_tools_or_the_demo(tmp_pa
     import streamlit as st
     from streamlit.testing.v1 import AppTest
 
-    from training.eval.cli import main as eval_main
     from vlm.apps.caption import main as caption_main
     from vlm.apps.sketch2html import main as sketch_main
+    from vlm_train.eval.cli import main as eval_main
 
     folder, marker = _poisoned_checkpoint(tmp_path, pretrained="EVIL")
     image = tmp_path / "in.png"

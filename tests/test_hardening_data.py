@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from conftest import make_checkpoint, shape_image
 
-from training.data import builders
-from training.data.cli import main as data_main
-from training.data.decode import SkipSample, decode_image
-from training.data.loader import LoaderConfig, SourceConfig, is_report_only, make_loader
-from training.data.shards import caption_sample, image_bytes, qa_sample
 from vlm.images import ImageError, load_image
 from vlm.model import IGNORE_INDEX
+from vlm_train.data import builders
+from vlm_train.data.cli import main as data_main
+from vlm_train.data.decode import SkipSample, decode_image
+from vlm_train.data.loader import LoaderConfig, SourceConfig, is_report_only, make_loader
+from vlm_train.data.shards import caption_sample, image_bytes, qa_sample
 
 PETABYTE = 2**50
 
@@ -137,7 +137,7 @@ def test_deeply_nested_json_is_a_counted_skip_not_a_crash(make_model, tmp_path):
 def test_any_exception_of_one_sample_is_counted_by_type_but_memory_errors_stop_the_run(
     make_model, tmp_path, monkeypatch
 ):
-    from training.data import loader
+    from vlm_train.data import loader
 
     _, processor = make_model("gpt2")
     real = loader.example_segments
@@ -161,7 +161,7 @@ def test_any_exception_of_one_sample_is_counted_by_type_but_memory_errors_stop_t
 
 
 def test_marker_text_inside_an_interleaved_text_item_stays_text(make_model):
-    from training.data.decode import decode_sample, example_segments
+    from vlm_train.data.decode import decode_sample, example_segments
 
     _, processor = make_model("llama")
     items = [{"text": "See <image> and <|endofchunk|> here: "}, {"image": "0.png"}, {"text": "a red dot."}]
@@ -173,7 +173,7 @@ def test_marker_text_inside_an_interleaved_text_item_stays_text(make_model):
 
 
 def test_an_interleaved_image_name_refers_only_to_a_member(tmp_path):
-    from training.data.decode import decode_sample
+    from vlm_train.data.decode import decode_sample
 
     local = tmp_path / "on-this-machine.png"
     local.write_bytes(_png())
@@ -209,7 +209,7 @@ def test_extreme_image_shapes_are_refused_from_the_header():
 
 
 def test_long_samples_are_truncated_or_skipped_and_huge_text_is_not_decoded(make_model, tmp_path):
-    from training.data.decode import MAX_TEXT_BYTES
+    from vlm_train.data.decode import MAX_TEXT_BYTES
 
     assert SourceConfig("x", "caption").max_tokens == 2048
     _, processor = make_model("llama")  # chat template: the prompt is untrained, the caption trains
@@ -384,7 +384,7 @@ def _fuzz_shards(root: Path) -> tuple[list[str], Counter, list[dict]]:
 
 
 def test_fuzz_every_bad_case_is_counted_and_every_good_sample_arrives_and_trains(make_model, tmp_path):
-    from training.train import main as train_main
+    from vlm_train.train import main as train_main
 
     good, expected, sources = _fuzz_shards(tmp_path / "data")
     _, processor = make_model("llama")

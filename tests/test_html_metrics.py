@@ -1,8 +1,8 @@
 import pytest
 from PIL import Image
 
-from training.data.sketch2html import generate_pages
-from training.eval.html_metrics import (
+from vlm_train.data.sketch2html import generate_pages
+from vlm_train.eval.html_metrics import (
     Node,
     Rendered,
     Renderer,

@@ -241,10 +241,10 @@ def test_pass_tokens_hands_the_image_tokens_to_the_decoder_and_loads_older_weigh
 def test_last_stage_channels_follow_the_head_and_a_widened_checkpoint_starts_unchanged(tiny_lm_dirs):
     import dataclasses
 
-    from training.train import add_last_stage_inputs
     from vlm.config import VisionConfig
     from vlm.factory import load_trainable
     from vlm.tiny import tiny_config
+    from vlm_train.train import add_last_stage_inputs
 
     effnet = VisionConfig(kind="timm", name="tf_efficientnet_lite0", pretrained=None, image_size=64)
     cfg = dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]), vision=effnet)

@@ -99,15 +99,27 @@ def test_the_setup_scripts_install_with_the_constraints():
     assert "scripts/setup.sh" in (ROOT / "scripts" / "test.sh").read_text()
 
 
-def test_the_wheel_holds_only_the_vlm_package_and_its_commands_exist():
-    find = PYPROJECT["tool"]["setuptools"]["packages"]["find"]
-    assert find["include"] == ["vlm", "vlm.*"], "no generic top-level packages (training, demo) in the wheel"
+def _source_folder(package: str) -> Path:
+    top, _, rest = package.partition(".")
+    folder = ROOT / PYPROJECT["tool"]["setuptools"].get("package-dir", {}).get(top, top)
+    return folder.joinpath(*rest.split(".")) if rest else folder
+
+
+def test_the_wheel_holds_the_namespaced_packages_and_its_commands_exist():
+    packages = PYPROJECT["tool"]["setuptools"]["packages"]
+    assert {p.split(".")[0] for p in packages} == {"vlm", "vlm_train"}, "no generic top-level names in the wheel"
+    for top in ("vlm", "vlm_train"):  # every package folder with an __init__.py is listed, so none is left out
+        found = {
+            ".".join((top, *init.parent.relative_to(_source_folder(top)).parts))
+            for init in _source_folder(top).rglob("__init__.py")
+        }
+        assert found == {p for p in packages if p.split(".")[0] == top}
     for command, target in PROJECT["scripts"].items():
         module, _, function = target.partition(":")
-        assert module.split(".")[0] == "vlm", f"{command} -> {target} would be missing from the wheel"
-        path = ROOT / (module.replace(".", "/") + ".py")
+        package, _, name = module.rpartition(".")
+        assert package in packages, f"{command} -> {target} would be missing from the wheel"
+        path = _source_folder(package) / f"{name}.py"
         assert path.is_file() and f"def {function}(" in path.read_text(), f"{command} -> {target}"
-    assert "vlm" not in [p.name for p in (ROOT / "training").iterdir()]  # the trainer stays outside the package
 
 
 def test_no_posix_only_import_at_module_level():

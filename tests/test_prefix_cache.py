@@ -17,13 +17,13 @@ from conftest import set_gates, shape_image
 from safetensors.torch import load_file
 
 import vlm
-from training import checkpoint as ckpt
-from training.data import prefix_cache
-from training.data.loader import LoaderConfig, SourceConfig, make_loader
-from training.data.shards import ShardWriter, caption_sample, image_bytes, qa_sample
-from training.train import cast_frozen
-from training.train import main as train_main
 from vlm.tiny import FAMILIES, make_tiny_lm, tiny_config
+from vlm_train import checkpoint as ckpt
+from vlm_train.data import prefix_cache
+from vlm_train.data.loader import LoaderConfig, SourceConfig, make_loader
+from vlm_train.data.shards import ShardWriter, caption_sample, image_bytes, qa_sample
+from vlm_train.train import cast_frozen
+from vlm_train.train import main as train_main
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = ["red", "blue", "purple", "green", "cyan", "yellow", "orange", "white"]
@@ -290,7 +290,7 @@ def test_auto_says_why_the_cache_is_off(workspace, capsys):
 def test_sigkill_and_resume_with_the_cache_ends_with_the_same_weights(workspace):
     common = ["--steps", "30", "--checkpoint.every", "10", "--data.num_workers", "1", "--prefix_cache", "on"]
     assert train_main(args(workspace, "straight", "init-l2", *common)) == 0
-    cmd = [sys.executable, "-m", "training.train", *args(workspace, "killed", "init-l2", *common)]
+    cmd = [sys.executable, "-m", "vlm_train.train", *args(workspace, "killed", "init-l2", *common)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -318,7 +318,7 @@ def test_ddp_and_fsdp2_train_with_the_cache(workspace, strategy):
     run = f"dist-{strategy}"
     extra = ["--steps", "8", "--checkpoint.every", "8", "--data.batch_size", "2", "--prefix_cache", "on"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
-    cmd += ["-m", "training.train", *args(workspace, run, "init-l2", *extra, "--parallel.strategy", strategy)]
+    cmd += ["-m", "vlm_train.train", *args(workspace, run, "init-l2", *extra, "--parallel.strategy", strategy)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -330,7 +330,7 @@ def test_ddp_and_fsdp2_train_with_the_cache(workspace, strategy):
 
 
 def test_vlm_data_cache_builds_what_the_trainer_then_finds(workspace, tmp_path, capsys):
-    from training.data.cli import main as data_main
+    from vlm_train.data.cli import main as data_main
 
     cache = tmp_path / "cache"
     argv = ["cache", "--model", str(workspace / "init-l2"), "--shards", str(workspace / "caps"), "--kind", "caption"]

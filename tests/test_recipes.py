@@ -5,9 +5,9 @@ import json
 
 import pytest
 
-from training import recipe
-from training.config import resolve
-from training.train import main as train_main
+from vlm_train import recipe
+from vlm_train.config import resolve
+from vlm_train.train import main as train_main
 
 # The stage presets the `default` recipe replaced (training/presets/default-*.json before
 # the recipe), verbatim: each recipe stage must resolve to the same config but its length.
@@ -261,7 +261,7 @@ def test_defaults_resolve_unvalidated_for_printing():
 def test_print_config_without_a_preset_shows_the_defaults(capsys):
     import json
 
-    from training.train import main
+    from vlm_train.train import main
 
     assert main(["--print-config"]) == 0
     shown = json.loads(capsys.readouterr().out)

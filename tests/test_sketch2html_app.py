@@ -8,9 +8,9 @@ from conftest import make_checkpoint
 from PIL import Image
 
 import vlm
-from training.data.sketch2html import generate_pages
 from vlm.apps import sketch2html
 from vlm.html import document
+from vlm_train.data.sketch2html import generate_pages
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
 CSP = '<meta http-equiv="Content-Security-Policy" content="default-src \'none\';'

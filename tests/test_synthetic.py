@@ -7,8 +7,8 @@ from html.parser import HTMLParser
 import numpy as np
 import pytest
 
-from training.data.shapes import COLORS, HELD_OUT, PALETTE, SHAPES, generate_scenes
-from training.data.sketch2html import MAX_HTML_CHARS, SKETCH_SIZE, STYLESHEET, document, generate_pages
+from vlm_train.data.shapes import COLORS, HELD_OUT, PALETTE, SHAPES, generate_scenes
+from vlm_train.data.sketch2html import MAX_HTML_CHARS, SKETCH_SIZE, STYLESHEET, document, generate_pages
 
 CSP = "<meta http-equiv=\"Content-Security-Policy\" content=\"default-src 'none'; style-src 'unsafe-inline'; img-src data:\">"
 VOID = {"img", "input", "meta", "br", "hr", "link"}
@@ -243,7 +243,7 @@ def test_grammar_covers_every_element(pages):
 
 def drawn_paragraphs(layout, width):
     """(lines drawn, width, target text) of every paragraph, as the sketch draws it."""
-    from training.data.sketch2html import _child_width, _text_lines
+    from vlm_train.data.sketch2html import _child_width, _text_lines
 
     for b in layout:
         if b.kind == "paragraph":
@@ -256,7 +256,7 @@ def drawn_paragraphs(layout, width):
 
 
 def test_paragraph_text_is_a_placeholder_fixed_by_the_drawing(pages):
-    from training.data.sketch2html import INNER, LOREM, placeholder
+    from vlm_train.data.sketch2html import INNER, LOREM, placeholder
 
     seen: dict[tuple[int, int], str] = {}
     for page in pages:
@@ -307,7 +307,7 @@ def test_sketches_are_drawn(pages):
 
 
 def test_rendering_in_worker_processes_gives_the_same_samples_in_order():
-    from training.data import builders
+    from vlm_train.data import builders
 
     for build in (
         lambda **kw: builders.sketches("test", 6, **kw),
@@ -321,7 +321,7 @@ def test_rendering_in_worker_processes_gives_the_same_samples_in_order():
 
 
 def test_sketch_styles_change_the_drawing_not_the_page():
-    from training.data.sketch2html import STYLES, page_at
+    from vlm_train.data.sketch2html import STYLES, page_at
 
     plain = [page_at("test", i) for i in range(4)]
     for style in STYLES[1:]:
@@ -339,7 +339,7 @@ def test_sketch_styles_change_the_drawing_not_the_page():
 
 
 def test_photographed_sketches_look_like_photos_and_keep_the_ink():
-    from training.data.sketch2html import page_at
+    from vlm_train.data.sketch2html import page_at
 
     for i in range(3):
         plain, photo = page_at("test", i).sketch, page_at("test", i, style="photo").sketch
@@ -353,7 +353,7 @@ def test_photographed_sketches_look_like_photos_and_keep_the_ink():
 def test_held_out_styles_lie_at_or_past_the_edge_of_the_training_variety():
     import random
 
-    from training.data.sketch_style import HELD_OUT, random_style
+    from vlm_train.data.sketch_style import HELD_OUT, random_style
 
     drawn = [random_style(random.Random(i)) for i in range(2000)]
     assert HELD_OUT["marker"].pen > max(s.pen for s in drawn)

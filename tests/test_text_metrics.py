@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from training.eval.text_metrics import (
+from vlm_train.eval.text_metrics import (
     caption_scores,
     exact_match,
     normalize_answer,

@@ -17,12 +17,12 @@ from conftest import shape_image
 from safetensors.torch import load_file
 
 import vlm
-from training import checkpoint as ckpt
-from training.config import TrainConfig, apply_overrides, resolve
-from training.data.shards import ShardWriter, caption_sample, image_bytes
-from training.train import main as train_main
-from training.train import mixture_step_s
 from vlm.tiny import make_tiny_lm, tiny_config
+from vlm_train import checkpoint as ckpt
+from vlm_train.config import TrainConfig, apply_overrides, resolve
+from vlm_train.data.shards import ShardWriter, caption_sample, image_bytes
+from vlm_train.train import main as train_main
+from vlm_train.train import mixture_step_s
 
 # Two shards of four with the same number of caption tokens each (in the tiny tokenizer),
 # so the mean of the two ranks' mean losses is exactly the single process's mean loss.
@@ -83,7 +83,7 @@ def _torchrun(workspace, run: str, *extra: str, nproc: int = 2) -> subprocess.Co
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", str(port)]
-    cmd += ["-m", "training.train", *args(workspace, run, *extra)]
+    cmd += ["-m", "vlm_train.train", *args(workspace, run, *extra)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -118,7 +118,7 @@ def test_fsdp2_two_processes_train_checkpoint_and_resume(workspace):
 def test_sigkill_and_resume_ends_with_the_same_weights(workspace):
     common = ["--steps", "30", "--checkpoint.every", "10", "--data.num_workers", "1", "--checkpoint.keep", "2"]
     assert train_main(args(workspace, "straight", *common)) == 0
-    cmd = [sys.executable, "-m", "training.train", *args(workspace, "killed", *common)]
+    cmd = [sys.executable, "-m", "vlm_train.train", *args(workspace, "killed", *common)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
@@ -173,7 +173,7 @@ def test_non_finite_steps_are_skipped_and_counted(workspace):
 
 
 def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
-    from training.train import fit_steps
+    from vlm_train.train import fit_steps
 
     assert fit_steps(20, elapsed=10.0, step_s=0.5, budget=110.0) == 20 + 180  # 0.9 * 100 s / 0.5
     assert fit_steps(20, elapsed=200.0, step_s=0.5, budget=110.0) == 20  # over budget: stop now

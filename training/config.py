@@ -200,7 +200,7 @@ def load_preset(name: str, _chain: tuple[Path, ...] = ()) -> dict:
     """A training preset as a dict. ``"extends": "other-preset"`` starts from that preset
     (a name in the same folder, or a path) and overrides it key by key: sections merge,
     lists and values replace. ``recipe:stage`` is one stage of a recipe
-    (:mod:`training.recipe`)."""
+    (:mod:`vlm_train.recipe`)."""
     from .recipe import is_recipe, known_presets, recipe_stage
 
     stage = None

@@ -12,7 +12,7 @@ length as an input (``time_budget_s``, or ``steps``), not as one machine's step 
 ``vlm-train --preset default:second`` trains one stage; its checkpoint folder is
 ``runs/<recipe>-<stage>`` unless the stage sets one. ``"select": "@name"`` in any preset's
 sources (or on the command line) names an entry of ``selections``; it is replaced by the
-regular expression when the config is built. ``python -m training.recipe default`` prints
+regular expression when the config is built. ``python -m vlm_train.recipe default`` prints
 the stage names in order (``scripts/train_default.sh`` loops over them).
 """
 
@@ -113,7 +113,7 @@ def known_presets(folder: Path) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m training.recipe", description="Print a recipe's stage names.")
+    parser = argparse.ArgumentParser(prog="python -m vlm_train.recipe", description="Print a recipe's stage names.")
     parser.add_argument("recipe", help="a recipe name (training/presets/<name>.json) or a JSON file")
     args = parser.parse_args(argv)
     path = Path(args.recipe) if Path(args.recipe).suffix else PRESET_DIR / f"{args.recipe}.json"

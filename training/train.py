@@ -1,10 +1,10 @@
-"""``vlm-train`` / ``python -m training.train``: one command from a laptop CPU to many GPUs.
+"""``vlm-train`` / ``python -m vlm_train.train``: one command from a laptop CPU to many GPUs.
 
     vlm-train --preset tiny --steps 200
-    torchrun --nproc_per_node 2 -m training.train --preset tiny --parallel.strategy fsdp
+    torchrun --nproc_per_node 2 -m vlm_train.train --preset tiny --parallel.strategy fsdp
     vlm-train --preset default-mix --optim.lr 2e-4 --checkpoint.dir runs/mine   # resumes by itself
 
-Any field of :class:`training.config.TrainConfig` can be set with ``--section.field value``.
+Any field of :class:`vlm_train.config.TrainConfig` can be set with ``--section.field value``.
 """
 
 from __future__ import annotations

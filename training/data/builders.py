@@ -1,6 +1,6 @@
 """Sources of samples for the shard writer: the user's own files, bundled real data,
 and the synthetic generators. Each builder yields ``(sample, error)`` pairs: a sample
-dict ready for :class:`~training.data.shards.ShardWriter`, or ``None`` and a message
+dict ready for :class:`~vlm_train.data.shards.ShardWriter`, or ``None`` and a message
 naming the input that could not be used (the CLI reports and counts those)."""
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def inspect(spec: str, kind: str) -> int:
 
 
 def cache(args) -> int:
-    """Build the trainer's prefix cache (:mod:`training.data.prefix_cache`) for some shards,
+    """Build the trainer's prefix cache (:mod:`vlm_train.data.prefix_cache`) for some shards,
     for the model and precision a run will use; report its size."""
     import torch
 

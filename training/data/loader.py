@@ -4,7 +4,7 @@ mixed from weighted sources, decoded robustly and tokenised in the worker proces
 Each batch is a dict of padded tensors (``input_ids``, ``attention_mask``, ``labels``
 (B, S); ``images`` (B, T, C, H, W); with a prefix cache, ``prefix`` (B, S, D): the
 cached hidden states entering the first cross-attention layer, see
-:mod:`training.data.prefix_cache`), the samples' ``keys``, and ``skipped``: the
+:mod:`vlm_train.data.prefix_cache`), the samples' ``keys``, and ``skipped``: the
 samples this worker skipped (or kept truncated) since its previous batch, by reason, so
 the trainer can add them up and report them.
 

@@ -26,9 +26,10 @@ from functools import cache
 
 from PIL import Image, ImageDraw, ImageFont
 
-from training.data.shapes import check_split
-from training.data.sketch_style import HELD_OUT, SketchStyle, fit_on_paper, photograph, random_style
 from vlm.html import STYLESHEET, document  # noqa: F401 (the page shell lives with the apps)
+
+from .shapes import check_split
+from .sketch_style import HELD_OUT, SketchStyle, fit_on_paper, photograph, random_style
 
 SKETCH_SIZE = (512, 512)  # square, because the image towers resize to a square without cropping
 MAX_HTML_CHARS = 900  # about 300 BPE tokens: longer targets cost more than they teach

@@ -10,7 +10,7 @@ Tasks: ``easy-vqa`` and ``shapes`` (question answering: VQA-normalised exact mat
 similarity). Few-shot prompts put k examples from the same shards (never the query
 itself), chosen with a fixed seed, before the query. Writes JSON and a markdown table.
 ``--breakdown`` reads a ``--predictions`` file instead and prints where the answers go
-wrong (easy-VQA by answer type, sketch page parts; :mod:`training.eval.breakdown`).
+wrong (easy-VQA by answer type, sketch page parts; :mod:`vlm_train.eval.breakdown`).
 """
 
 from __future__ import annotations
