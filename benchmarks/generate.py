@@ -20,10 +20,20 @@ import tempfile
 import time
 
 import torch
+from PIL import Image, ImageDraw
 
 import vlm
-from vlm.example import example_image
 from vlm.generate import GenerationConfig, generate
+
+
+def example_image() -> Image.Image:
+    """A small drawn scene: a red circle and a blue square."""
+    image = Image.new("RGB", (224, 224), "white")
+    draw = ImageDraw.Draw(image)
+    draw.ellipse((24, 70, 104, 150), fill=(220, 30, 30))
+    draw.rectangle((128, 70, 200, 142), fill=(30, 60, 220))
+    return image
+
 
 QUESTIONS = [
     "What is in this picture?",
@@ -129,8 +139,8 @@ def int8_quality(model, processor, quantized, new_tokens: int) -> None:
 def sketch_lookup(model, processor, count: int, drafts: list[int]) -> None:
     """Plain greedy against prompt-lookup decoding on the first ``count`` test sketches,
     batch of one, interleaved per sketch; checks the tokens are identical."""
-    from vlm.processor import SKETCH_PROMPT
     from vlm.session import Session
+    from vlm.tasks import SKETCH_PROMPT
     from vlm_train.data.sketch2html import page_at
 
     segments = processor.chat_segments([(SKETCH_PROMPT, None)])

@@ -21,16 +21,19 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import streamlit as st
 import streamlit.components.v1 as components
 
-from vlm import VLM, Processor, load_model
-from vlm.apps.caption import caption_images
-from vlm.apps.sketch2html import sketch_to_html
+from vlm import load_model
 from vlm.chat import Chat
-from vlm.generate import GenerationConfig
 from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vlm.tasks import CAPTION, SKETCH, VQA, caption_images, sketch_to_html
+
+if TYPE_CHECKING:
+    from vlm import VLM, Processor
+    from vlm.tasks import Task
 
 EXAMPLES = Path(__file__).parent / "examples"
 MAX_PIXELS = int(os.environ.get("VLM_DEMO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
@@ -149,7 +152,7 @@ def show_image(image, side: int) -> None:
 
 
 def prompt_tokens(chat: Chat, turns: list[tuple[str, str]], question: str) -> int:
-    segments = chat.processor.chat_segments([*turns, (question, None)], num_images=len(chat.images))
+    segments = VQA.conversation(chat.processor, turns, question, num_images=len(chat.images))
     return len(chat.processor.encode(segments)[0])
 
 
@@ -172,24 +175,24 @@ def fit_to_context(chat: Chat, question: str, max_new_tokens: int) -> int | None
     return dropped
 
 
-def decoding_settings() -> GenerationConfig:
+def decoding_settings() -> dict:
+    """The visitor's decoding choices shared by the tabs; each tab sets its own length, and
+    everything else is its task's default (vlm/tasks.py), as in the command-line tools."""
     st.sidebar.header("Decoding")
-    max_new = st.sidebar.slider("Max new tokens", 8, 512, 96, step=8)
     beams = st.sidebar.slider("Beams", 1, 4, 1)
     sample = st.sidebar.checkbox("Sample", value=False, disabled=beams > 1)
     temperature = st.sidebar.slider("Temperature", 0.1, 1.5, 0.7, disabled=not sample)
     top_p = st.sidebar.slider("Top-p", 0.1, 1.0, 0.9, disabled=not sample)
-    return GenerationConfig(
-        max_new_tokens=max_new,
-        num_beams=beams,
-        do_sample=sample and beams == 1,
-        temperature=temperature,
-        top_p=top_p,
-        repetition_penalty=1.1,
-    )
+    return {"num_beams": beams, "do_sample": sample and beams == 1, "temperature": temperature, "top_p": top_p}
 
 
-def ask_tab(model, processor, cfg: GenerationConfig) -> None:
+def max_new_tokens(task: Task, key: str, most: int = 512) -> int:
+    """The tab's answer length, starting at its task's default."""
+    return st.slider("Max new tokens", 8, most, task.decoding.max_new_tokens, step=8, key=f"{key}-max-new")
+
+
+def ask_tab(model, processor, settings: dict) -> None:
+    cfg = VQA.generation_config(max_new_tokens=max_new_tokens(VQA, "ask"), **settings)
     picked = pick_image("ask", "shapes.png")
     if picked is None:
         st.info("Pick an example or upload an image to start a conversation.")
@@ -231,7 +234,8 @@ def ask_tab(model, processor, cfg: GenerationConfig) -> None:
             st.chat_message("assistant").write_stream(chat.ask_stream(question, cfg))
 
 
-def caption_tab(model, processor, cfg: GenerationConfig) -> None:
+def caption_tab(model, processor, settings: dict) -> None:
+    cfg = CAPTION.generation_config(max_new_tokens=max_new_tokens(CAPTION, "caption"), **settings)
     uploads = st.file_uploader("Images to caption", accept_multiple_files=True, key="caption-upload")
     if not uploads:
         st.info("Upload one or more images.")
@@ -257,7 +261,8 @@ def caption_tab(model, processor, cfg: GenerationConfig) -> None:
     st.download_button("Download CSV", buf.getvalue(), file_name="captions.csv", mime="text/csv")
 
 
-def sketch_tab(model, processor, cfg: GenerationConfig) -> None:
+def sketch_tab(model, processor, settings: dict) -> None:
+    max_new = max_new_tokens(SKETCH, "sketch", 1024)
     picked = pick_image("sketch", "sketch.png")
     if picked is None:
         st.info("Pick the example sketch or upload a drawing of a page layout.")
@@ -267,7 +272,7 @@ def sketch_tab(model, processor, cfg: GenerationConfig) -> None:
     if not st.button("Generate HTML"):
         return
     with st.spinner("Writing the page…"):
-        page, problems = sketch_to_html(model, processor, [image], max(cfg.max_new_tokens, 256), cfg.num_beams)[0]
+        page, problems = sketch_to_html(model, processor, [image], max_new, settings["num_beams"])[0]
     if problems:
         st.warning("The generated HTML was repaired: " + "; ".join(problems))
     left, right = st.columns(2)
@@ -286,12 +291,12 @@ def main() -> None:
     st.set_page_config(page_title="vlm demo", layout="wide")
     st.title("vlm demo")
     model, processor = pick_model()
-    cfg = decoding_settings()
+    settings = decoding_settings()
     tabs = st.tabs(["Ask", "Caption", "Sketch → HTML"])
     for tab, show in zip(tabs, (ask_tab, caption_tab, sketch_tab)):
         with tab:
             try:
-                show(model, processor, cfg)
+                show(model, processor, settings)
             except (ImageError, ValueError) as e:
                 st.error(f"That did not work: {e}")
 

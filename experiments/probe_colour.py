@@ -14,30 +14,28 @@ import argparse
 import glob
 import io
 import json
-import tarfile
 
 import torch
 from PIL import Image
 
 from vlm import load_model
+from vlm_train.data.shards import iter_tar
 
 
 def colour_images(split: str, n: int) -> tuple[list[Image.Image], list[str]]:
     images, answers, seen = [], [], set()
     for shard in sorted(glob.glob(f"data/shards/easy-vqa-{split}/*.tar")):
-        with tarfile.open(shard) as tar:
-            for name in tar.getnames():
-                if not name.endswith(".json"):
-                    continue
-                meta = json.loads(tar.extractfile(name).read())
-                if "color" not in meta["turns"][0][0] or (shard, meta["image_id"]) in seen:
-                    continue
-                seen.add((shard, meta["image_id"]))
-                png = tar.extractfile(name[: -len(".json")] + ".png").read()
-                images.append(Image.open(io.BytesIO(png)).convert("RGB"))
-                answers.append(meta["answer"])
-                if len(images) == n:
-                    return images, answers
+        for raw in iter_tar(shard):
+            if "json" not in raw:
+                continue
+            meta = json.loads(raw["json"])
+            if "color" not in meta["turns"][0][0] or (shard, meta["image_id"]) in seen:
+                continue
+            seen.add((shard, meta["image_id"]))
+            images.append(Image.open(io.BytesIO(raw["png"])).convert("RGB"))
+            answers.append(meta["answer"])
+            if len(images) == n:
+                return images, answers
     if not images:
         raise SystemExit("no easy-VQA shards under data/shards: run scripts/build_default_data.sh")
     return images, answers

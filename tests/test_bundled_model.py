@@ -4,7 +4,7 @@ import pytest
 
 from vlm.factory import DEFAULT_CHECKPOINT, load_model
 from vlm.generate import generate
-from vlm.processor import SKETCH_PROMPT
+from vlm.tasks import SKETCH
 from vlm_train.data.decode import decode_sample
 from vlm_train.data.shards import iter_tar
 from vlm_train.eval.html_metrics import is_valid, tree_similarity
@@ -55,7 +55,7 @@ def test_test_sketches_become_valid_html_that_follows_the_sketch(bundled, tmp_pa
     model, processor = bundled
     write(builders.sketches("test", N_SKETCHES), str(tmp_path), "s", 100, 1 << 26)
     examples = [decode_sample(raw, "sketch") for raw in iter_tar(next(tmp_path.glob("*.tar")))]
-    prompt = processor.chat_segments([(SKETCH_PROMPT, None)])
+    prompt = SKETCH.prompt(processor)
     batch = processor([prompt] * len(examples), [ex.images for ex in examples], padding_side="left")
     out = generate(model, batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=400,
                    tokenizer=processor.tokenizer)  # fmt: skip
@@ -79,7 +79,7 @@ def test_prompt_lookup_gives_greedy_pages_on_real_sketches(bundled):
     from vlm_train.data.sketch2html import page_at
 
     model, processor = bundled
-    segments = processor.chat_segments([(SKETCH_PROMPT, None)])
+    segments = SKETCH.prompt(processor)
     for i in range(2):
         batch = processor([segments], [[page_at("test", i).sketch]])
         pages = [

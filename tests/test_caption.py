@@ -46,7 +46,7 @@ def png_bytes(seed: int) -> bytes:
 
 
 def caption(ckpt: Path, *args: str) -> int:
-    return main([*args, "--model", str(ckpt), "--max-new-tokens", "4"])
+    return main([*args, "--model", str(ckpt), "--max_new_tokens", "4"])
 
 
 def read_jsonl(path: Path) -> dict[str, dict]:
@@ -79,7 +79,7 @@ def folder(tmp_path: Path) -> tuple[Path, list[str], list[str]]:
 def test_folder_good_and_bad_files(ckpt, folder, tmp_path, capsys):
     root, good, bad = folder
     out = tmp_path / "captions.jsonl"
-    assert caption(ckpt, str(root), "--out", str(out), "--batch-size", "3") == 0
+    assert caption(ckpt, str(root), "--out", str(out), "--batch_size", "3") == 0
     assert f"done 4, skipped 0 (already in {out}), failed 2" in capsys.readouterr().out
     rows = read_jsonl(out)
     assert sorted(rows) == sorted(good + bad)
@@ -102,7 +102,7 @@ def test_too_large_image_is_an_error_row(ckpt, tmp_path):
     big, small = str(tmp_path / "big.png"), save(tmp_path / "small" / "s.png", 2)
     Image.new("RGB", (100, 100)).save(big)
     out = tmp_path / "out.jsonl"
-    assert caption(ckpt, big, str(tmp_path / "small"), "--out", str(out), "--max-pixels", "5000") == 0
+    assert caption(ckpt, big, str(tmp_path / "small"), "--out", str(out), "--max_pixels", "5000") == 0
     rows = read_jsonl(out)
     assert "too large" in rows[big]["error"] and rows[big]["caption"] is None
     assert rows[small]["error"] is None and rows[small]["caption"]
@@ -111,8 +111,8 @@ def test_too_large_image_is_an_error_row(ckpt, tmp_path):
 def test_batching_does_not_change_captions(ckpt, tmp_path):
     paths = [save(tmp_path / "imgs" / f"{i}.png", 10 + i) for i in range(4)]
     together, alone = tmp_path / "together.jsonl", tmp_path / "alone.jsonl"
-    assert caption(ckpt, str(tmp_path / "imgs"), "--out", str(together), "--batch-size", "4") == 0
-    assert caption(ckpt, str(tmp_path / "imgs"), "--out", str(alone), "--batch-size", "1") == 0
+    assert caption(ckpt, str(tmp_path / "imgs"), "--out", str(together), "--batch_size", "4") == 0
+    assert caption(ckpt, str(tmp_path / "imgs"), "--out", str(alone), "--batch_size", "1") == 0
     batched, single = read_jsonl(together), read_jsonl(alone)
     assert {p: batched[p]["caption"] for p in paths} == {p: single[p]["caption"] for p in paths}
     assert len({batched[p]["caption"] for p in paths}) > 1, "captions should depend on the image"
@@ -126,8 +126,8 @@ def test_killed_midway_then_rerun(ckpt, tmp_path, capsys):
     os.unlink(paths[6])
     os.mkfifo(paths[6])
     out = tmp_path / "captions.jsonl"
-    command = [sys.executable, "-m", "vlm.apps.caption", str(root), "--out", str(out), "--batch-size", "2"]
-    command += ["--model", str(ckpt), "--max-new-tokens", "4"]
+    command = [sys.executable, "-m", "vlm.apps.caption", str(root), "--out", str(out), "--batch_size", "2"]
+    command += ["--model", str(ckpt), "--max_new_tokens", "4"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
@@ -155,14 +155,14 @@ def test_killed_midway_then_rerun(ckpt, tmp_path, capsys):
     save(Path(paths[6]), 26)
 
     capsys.readouterr()
-    assert caption(ckpt, str(root), "--out", str(out), "--batch-size", "2") == 0
+    assert caption(ckpt, str(root), "--out", str(out), "--batch_size", "2") == 0
     assert f"skipped {len(complete)} (already in {out})" in capsys.readouterr().out
     rows = read_jsonl(out)
     assert sorted(rows) == paths
     assert all(row["error"] is None and row["caption"] for row in rows.values())
     # The rows written before the kill are the ones an uninterrupted run writes.
     reference = tmp_path / "reference.jsonl"
-    assert caption(ckpt, str(root), "--out", str(reference), "--batch-size", "2") == 0
+    assert caption(ckpt, str(root), "--out", str(reference), "--batch_size", "2") == 0
     assert {p: r["caption"] for p, r in rows.items()} == {p: r["caption"] for p, r in read_jsonl(reference).items()}
 
 
@@ -236,8 +236,8 @@ def test_bad_arguments(ckpt, tmp_path, capsys):
         ([str(tmp_path / "nowhere")], "no such file, folder or shard"),
         ([str(tmp_path / "x-{000000..000001}.tar")], "2 shard(s) not found"),
         ([str(tmp_path / "empty"), "--format", "xml"], "invalid choice: 'xml'"),
-        ([str(tmp_path / "empty"), "--batch-size", "0"], "must be at least 1"),
-        ([str(tmp_path / "empty"), "--sample", "--num-beams", "2"], "beam search with sampling"),
+        ([str(tmp_path / "empty"), "--batch_size", "0"], "must be at least 1"),
+        ([str(tmp_path / "empty"), "--sample", "--num_beams", "2"], "beam search with sampling"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exc:
@@ -301,7 +301,7 @@ def test_a_write_error_on_the_output_stops_the_run(ckpt, tmp_path, monkeypatch, 
         resource.setrlimit(resource.RLIMIT_AS, (5 * 2**30, hard))
 
     command = [sys.executable, "-m", "vlm.apps.caption", image, "--out", "/dev/full"]
-    command += ["--model", str(ckpt), "--max-new-tokens", "4"]
+    command += ["--model", str(ckpt), "--max_new_tokens", "4"]
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=180, preexec_fn=limit_memory)
     assert done.returncode != 0
@@ -322,9 +322,9 @@ def test_a_write_error_on_the_output_stops_the_run(ckpt, tmp_path, monkeypatch, 
 
     monkeypatch.setattr(app, "write_all", failing_write_all)
     out = tmp_path / "out.jsonl"
-    assert caption(ckpt, str(tmp_path / "many"), "--out", str(out), "--batch-size", "2") != 0
+    assert caption(ckpt, str(tmp_path / "many"), "--out", str(out), "--batch_size", "2") != 0
     assert "Input/output error" in capsys.readouterr().err and len(writes) == 2
     assert len(read_jsonl(out)) == 2
     monkeypatch.setattr(app, "write_all", real_write_all)
-    assert caption(ckpt, str(tmp_path / "many"), "--out", str(out), "--batch-size", "2") == 0
+    assert caption(ckpt, str(tmp_path / "many"), "--out", str(out), "--batch_size", "2") == 0
     assert sorted(read_jsonl(out)) == sorted(paths)

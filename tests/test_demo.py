@@ -105,6 +105,13 @@ def test_sketch_tab_shows_code_and_a_sandboxed_preview(app):
     assert "<script" not in code
 
 
+def test_each_tab_starts_from_its_tasks_decoding_defaults(app):
+    from vlm.tasks import CAPTION, SKETCH, VQA
+
+    for key, task in (("ask", VQA), ("caption", CAPTION), ("sketch", SKETCH)):
+        assert app.slider(key=f"{key}-max-new").value == task.decoding.max_new_tokens, key
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -317,3 +317,24 @@ def test_prompt_lookup_keeps_stops_and_refuses_what_it_cannot_match(trained_mode
     for bad in ({"do_sample": True}, {"num_beams": 2}, {"repetition_penalty": 1.2}):
         with pytest.raises(ValueError, match="prompt_lookup"):
             generate(model, *args, config=NO_STOP, prompt_lookup=4, **bad)
+
+
+def test_a_session_takes_its_media_state_from_the_model(trained_model, monkeypatch):
+    # One computation of which image each position follows: the model's, with its check.
+    model, processor = trained_model("llama")
+    batch = processor([processor.caption_prompt("a")], [[shape_image("red")]])
+    calls = []
+    real = type(model).media_state
+
+    def media_state(self, latents, input_ids, last=None, kv=None):
+        calls.append((input_ids.shape[1], last))
+        return real(self, latents, input_ids, last=last, kv=kv)
+
+    monkeypatch.setattr(type(model), "media_state", media_state)
+    out = generate(model, batch["images"], batch["input_ids"], max_new_tokens=3, stop_token_ids=())
+    length = batch["input_ids"].shape[1]
+    assert calls[0] == (length, length) and calls[1] == (length + 1, 1)  # the prompt, then one new token a step
+    session = out.session
+    extra = torch.tensor([[model.image_token_id]])
+    with pytest.raises(ValueError, match="images were given"):
+        session.feed(extra)  # a second <image> with one image in the session

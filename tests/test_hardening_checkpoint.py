@@ -325,3 +325,44 @@ def test_a_poisoned_checkpoint_runs_nothing_through_the_tools_or_the_demo(tmp_pa
     at = AppTest.from_file(app, default_timeout=120).run()
     assert not at.exception and any("not unpickled" in e.value for e in at.error), [e.value for e in at.error]
     assert not marker.exists() and os.environ["VLM_DEMO_MODEL"] == str(folder), "the demo ran the payload"
+
+
+# ---------------------------------------------------------------- the one atomic-write helper
+
+
+def test_atomic_file_commits_whole_or_leaves_the_old_file(tmp_path):
+    from vlm.fileio import AtomicFile, write_bytes, write_text
+
+    target = tmp_path / "out.bin"
+    write_text(target, "old")
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicFile(target) as tmp:
+            tmp.write_bytes(b"half")
+            raise KeyboardInterrupt
+    assert target.read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    write_bytes(target, b"new")
+    assert target.read_bytes() == b"new" and sorted(p.name for p in tmp_path.iterdir()) == ["out.bin"]
+    writer = AtomicFile(tmp_path / "later.bin")  # opened in one place, finished in another (a shard writer)
+    writer.tmp.write_bytes(b"x")
+    assert not (tmp_path / "later.bin").exists()
+    assert writer.commit() == tmp_path / "later.bin" and not writer.tmp.exists()
+
+
+def test_atomic_folder_replaces_keeps_or_leaves_nothing(tmp_path):
+    from vlm.fileio import atomic_folder
+
+    target = tmp_path / "model"
+    with atomic_folder(target) as tmp:
+        (tmp / "a").write_text("1")
+    with atomic_folder(target) as tmp:  # replaces the folder that is there
+        (tmp / "b").write_text("2")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    with atomic_folder(target, replace=False) as tmp:  # someone else's copy wins
+        (tmp / "c").write_text("3")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    with pytest.raises(RuntimeError):
+        with atomic_folder(target) as tmp:
+            (tmp / "d").write_text("4")
+            raise RuntimeError("killed")
+    assert sorted(p.name for p in target.iterdir()) == ["b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]  # no temporary folder left

@@ -235,7 +235,7 @@ def test_very_long_or_flat_images_show_a_preview_or_a_message(checkpoint, monkey
 
 def test_a_long_conversation_drops_its_oldest_turns_but_keeps_the_image(checkpoint, monkeypatch):
     at = start(monkeypatch, checkpoint)
-    at.sidebar.slider[0].set_value(24).run()  # max new tokens
+    at.slider(key="ask-max-new").set_value(24).run()
     chat = at.session_state["chat"]
     context = chat.model.lm.config.max_position_embeddings  # 256 for the tiny LM
     questions = [f"question {i}: " + "what colour is the shape? " * 5 for i in range(8)]
@@ -251,7 +251,7 @@ def test_a_long_conversation_drops_its_oldest_turns_but_keeps_the_image(checkpoi
 
 def test_a_long_first_answer_gives_way_to_the_next_question(checkpoint, monkeypatch):
     at = start(monkeypatch, checkpoint)
-    at.sidebar.slider[0].set_value(120).run()  # max new tokens: the first answer and the next leave no room
+    at.slider(key="ask-max-new").set_value(120).run()  # the first answer and the next leave no room
     ask(at, "what colour is the shape?")
     chat = at.session_state["chat"]
     chat.turns[0] = (chat.turns[0][0], "red " * 100)  # a rambling first answer

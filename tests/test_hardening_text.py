@@ -16,7 +16,8 @@ from vlm.chat import Chat
 from vlm.generate import GenerationConfig, generate
 from vlm.html import repair_html
 from vlm.model import IGNORE_INDEX
-from vlm.processor import CAPTION_PROMPT, Processor
+from vlm.processor import Processor
+from vlm.tasks import CAPTION_PROMPT
 from vlm.tiny import CHATML, tiny_tokenizer
 from vlm_train.data.sketch2html import generate_pages
 

@@ -187,3 +187,14 @@ def test_aggregate_means_and_count():
     summary = aggregate([{"valid": 1.0, "tag_f1": 0.5}, {"valid": 0.0, "tag_f1": 1.0}])
     assert summary == {"valid": 0.5, "tag_f1": 0.75, "count": 2}
     assert aggregate([]) == {"count": 0}
+
+
+def test_renderer_without_playwright_names_the_extra(monkeypatch):
+    import sys
+
+    from vlm import render
+
+    monkeypatch.setitem(sys.modules, "playwright.sync_api", None)  # as if it were not installed
+    with pytest.raises(render.RendererUnavailable, match=r"pip install 'vlm\[render\]'"):
+        with Renderer():
+            pass

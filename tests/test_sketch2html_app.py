@@ -8,8 +8,11 @@ from conftest import make_checkpoint
 from PIL import Image
 
 import vlm
+import vlm.generate
+from vlm import render
 from vlm.apps import sketch2html
 from vlm.html import document
+from vlm.tasks import sketch_to_html
 from vlm_train.data.sketch2html import generate_pages
 
 VOID = {"area", "base", "br", "col", "embed", "hr", "img", "input", "link", "meta", "source", "track", "wbr"}
@@ -65,7 +68,7 @@ def sketches():
 
 
 def run(checkpoint, *args):
-    return sketch2html.main([*map(str, args), "--model", str(checkpoint), "--max-new-tokens", "30"])
+    return sketch2html.main([*map(str, args), "--model", str(checkpoint), "--max_new_tokens", "30"])
 
 
 def test_checker_rejects_unbalanced_pages():
@@ -102,9 +105,9 @@ def test_bad_inputs_are_reported_and_skipped(checkpoint, sketches, tmp_path, cap
         tmp_path / "corrupt.png",
         tmp_path / "missing.png",
         tmp_path / "good2.png",
-        "--out-dir",
+        "--out_dir",
         out,
-        "--batch-size",
+        "--batch_size",
         "2",
     )
     captured = capsys.readouterr()
@@ -122,7 +125,7 @@ def test_same_stem_in_one_out_dir_is_refused(checkpoint, sketches, tmp_path, cap
     for folder in ("a", "b"):
         (tmp_path / folder).mkdir()
         sketches[0].save(tmp_path / folder / "x.png")
-    code = run(checkpoint, tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", "--out-dir", tmp_path / "out")
+    code = run(checkpoint, tmp_path / "a" / "x.png", tmp_path / "b" / "x.png", "--out_dir", tmp_path / "out")
     assert code == 1
     assert f"{tmp_path / 'b' / 'x.png'}: error:" in capsys.readouterr().err
     assert os.listdir(tmp_path / "out") == ["x.html"]
@@ -135,7 +138,7 @@ def test_model_output_is_repaired_and_the_repairs_printed(checkpoint, sketches, 
         assert images.shape[0] == input_ids.shape[0] == config.num_beams == 1
         return SimpleNamespace(texts=[raw] * images.shape[0])
 
-    monkeypatch.setattr(sketch2html, "generate", fake_generate)
+    monkeypatch.setattr(vlm.generate, "generate", fake_generate)
     sketches[0].save(tmp_path / "x.png")
     assert run(checkpoint, tmp_path / "x.png") == 0
     page = (tmp_path / "x.html").read_text(encoding="utf-8")
@@ -149,19 +152,19 @@ def test_model_output_is_repaired_and_the_repairs_printed(checkpoint, sketches, 
 
 def test_sketch_to_html_returns_one_valid_document_per_image(checkpoint, sketches):
     model, processor = vlm.load_model(checkpoint, verbose=False)
-    pages = sketch2html.sketch_to_html(model, processor, sketches, max_new_tokens=12, num_beams=2)
+    pages = sketch_to_html(model, processor, sketches, max_new_tokens=12, num_beams=2)
     assert len(pages) == 2
     for page, problems in pages:
         assert_valid_page(page)
         assert all(isinstance(p, str) for p in problems)
-    assert sketch2html.sketch_to_html(model, processor, []) == []
+    assert sketch_to_html(model, processor, []) == []
 
 
 def test_one_sketch_alone_gives_the_page_it_gets_in_a_batch(checkpoint, sketches):
     # One sketch decodes with prompt-lookup drafts, a batch with plain greedy: same pages.
     model, processor = vlm.load_model(checkpoint, verbose=False)
-    batched = sketch2html.sketch_to_html(model, processor, sketches, max_new_tokens=40)
-    alone = [sketch2html.sketch_to_html(model, processor, [s], max_new_tokens=40)[0] for s in sketches]
+    batched = sketch_to_html(model, processor, sketches, max_new_tokens=40)
+    alone = [sketch_to_html(model, processor, [s], max_new_tokens=40)[0] for s in sketches]
     assert alone == batched
 
 
@@ -183,7 +186,7 @@ def real_chromium():
 def test_render_writes_a_screenshot_of_the_requested_size(checkpoint, sketches, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("VLM_CHROMIUM", real_chromium())
     sketches[0].save(tmp_path / "x.png")
-    code = run(checkpoint, tmp_path / "x.png", "--render", "--width", "640", "--height", "480", "--out-dir", tmp_path)
+    code = run(checkpoint, tmp_path / "x.png", "--render", "--width", "640", "--height", "480", "--out_dir", tmp_path)
     assert code == 0, capsys.readouterr().err
     shot = tmp_path / "x.page.png"
     assert shot.stat().st_size > 0
@@ -199,7 +202,7 @@ def test_render_png_shows_the_page(tmp_path, monkeypatch):
     monkeypatch.setenv("VLM_CHROMIUM", real_chromium())
     page = tmp_path / "p.html"
     page.write_text(document("<header><h1>Acme</h1></header><main><p>Hello</p></main>"), encoding="utf-8")
-    sketch2html.render_png(page, tmp_path / "p.png", width=320, height=240)
+    render.render_png(page, tmp_path / "p.png", width=320, height=240)
     with Image.open(tmp_path / "p.png") as image:
         image = image.convert("RGB")
         assert image.size == (320, 240)

@@ -19,7 +19,6 @@ import os
 import random
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +28,7 @@ import torch
 from safetensors.torch import load_file
 
 from vlm.factory import WEIGHTS_FILE, check_finite, load_config, save_pretrained
-from vlm.fileio import load_plain, publish
+from vlm.fileio import atomic_folder, load_plain
 
 TRAINER_FILE = "trainer.pt"
 TRAINER_FORMAT = "vlm-trainer/2"
@@ -102,21 +101,14 @@ def save(
     root.mkdir(parents=True, exist_ok=True)
     remove_partial(root)
     final = root / f"step-{step:06d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=root))
-    try:
+    # Replaces an existing folder: a damaged checkpoint that resume fell back past.
+    with atomic_folder(final) as tmp:
         # save_pretrained reads model.trainable_state_dict(); feed it the gathered tensors.
         save_pretrained(_WithState(model, trainable), tmp / "model")
         torch.save({"format": TRAINER_FORMAT, **trainer_state}, tmp / TRAINER_FILE)
         # Read it back as resume will: a state that is not plain data fails now, not at resume.
         load_plain(tmp / TRAINER_FILE, "trainer state")
         (tmp / "train_config.json").write_text(json.dumps(config, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        if final.exists():  # a damaged checkpoint that resume fell back past
-            shutil.rmtree(final)
-        publish(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     # Keep the newest ``keep`` up to this step. A newer folder (one that resume fell back
     # past) is not counted: keeping "the newest" could otherwise delete what we just wrote.
     for old in [p for p in list_checkpoints(root) if _step(p) <= step][:-keep]:

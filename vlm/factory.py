@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -19,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken
 
 from .config import VLMConfig, get_preset
-from .fileio import fsync, fsync_tree
+from .fileio import atomic_folder
 from .lm import check_supported_lm, find_decoder, insert_cross_attention
 from .model import VLM
 from .processor import Processor
@@ -45,15 +43,20 @@ def _resolve_config(config: VLMConfig | str | dict | None) -> VLMConfig:
     return config.validate()
 
 
-def _add_media_tokens(tokenizer, cfg: VLMConfig) -> tuple[int, int]:
-    tokens = [cfg.image_token, cfg.end_of_chunk_token]
+def _add_media_tokens(tokenizer, cfg: VLMConfig) -> list[int]:
+    """Add ``cfg.new_tokens()`` in order; their ids, in that order."""
+    tokens = cfg.new_tokens()
     missing = [t for t in tokens if t not in tokenizer.get_vocab()]
     if missing:
         tokenizer.add_tokens([AddedToken(t, special=True, normalized=False) for t in missing], special_tokens=True)
     if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    image_id, eoc_id = tokenizer.convert_tokens_to_ids(tokens)
-    return image_id, eoc_id
+        tokenizer.pad_token = cfg.pad_token or tokenizer.eos_token
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+def added_token_ids(model: VLM) -> dict[str, int]:
+    """Each added token's id, as ``config.json`` records them."""
+    return dict(zip(model.config.new_tokens(), model.embed.new_ids.tolist(), strict=True))
 
 
 def apply_freezing(model: VLM) -> int:
@@ -91,18 +94,22 @@ def create_model_and_transforms(
     vision, transform = create_vision_encoder(cfg.vision)
     lm, tokenizer = load_causal_lm(cfg.lm.name, getattr(torch, cfg.lm.dtype))
     check_supported_lm(lm)
-    image_id, eoc_id = _add_media_tokens(tokenizer, cfg)
+    new_ids = _add_media_tokens(tokenizer, cfg)
+    image_id, eoc_id = tokenizer.convert_tokens_to_ids([cfg.image_token, cfg.end_of_chunk_token])
 
     _, layers = find_decoder(lm)
     indices = cfg.cross_attn.layer_indices(len(layers))
     dim = lm.config.hidden_size
     xa = cfg.cross_attn
-    insert_cross_attention(layers, indices, lambda: GatedCrossAttentionBlock(dim, xa.heads, xa.head_dim, xa.ff_mult))
     rs = cfg.resampler
+    media_dim = None if rs.project else vision.width  # the resampler's output width
+    insert_cross_attention(
+        layers, indices, lambda: GatedCrossAttentionBlock(dim, xa.heads, xa.head_dim, xa.ff_mult, media_dim)
+    )
     resampler = PerceiverResampler(
         vision_dim=vision.width,
         lm_dim=dim,
-        dim=rs.dim or dim,
+        dim=rs.dim or (dim if rs.project else vision.width),
         num_latents=rs.num_latents,
         depth=rs.depth,
         heads=rs.heads,
@@ -111,8 +118,10 @@ def create_model_and_transforms(
         max_images=rs.max_images,
         spatial_pos=rs.spatial_pos,
         pass_tokens=rs.pass_tokens,
+        project=rs.project,
+        media_time=rs.media_time,
     )
-    model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices)
+    model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices, new_ids)
     count = apply_freezing(model)
     model.train(False)
     if verbose:
@@ -138,30 +147,13 @@ def save_pretrained(model: VLM, path: str | os.PathLike, dtype: torch.dtype | No
     meta = {
         "format": FORMAT,
         "config": model.config.to_dict(),
-        "added_tokens": {
-            model.config.image_token: model.image_token_id,
-            model.config.end_of_chunk_token: model.end_of_chunk_token_id,
-        },
+        "added_tokens": added_token_ids(model),
         "cross_attn_layers": model.cross_attn_layers,
         "trainable_parameters": sum(v.numel() for v in state.values()),
     }
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path) as tmp:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
-        os.chmod(tmp, 0o755)
-        fsync_tree(tmp)  # on disk before the rename, or a power cut can leave a whole-looking empty folder
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        fsync(path.parent)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -213,16 +205,55 @@ def check_finite(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default"
 
 
-def load_model(path: str | os.PathLike | None = None, verbose: bool = True) -> tuple[VLM, Processor]:
+DEVICES = "auto|cpu|cuda|cuda:N|mps"
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """``"auto"`` (or ``None``): CUDA when available, else Apple's MPS, else the CPU;
+    otherwise the device named (``cpu``, ``cuda``, ``cuda:1``, ``mps``)."""
+    if device is None or device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """A torch dtype from its name; ``"auto"`` or ``None``: ``None`` (keep the stored dtypes)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
+    return None if dtype == "auto" else getattr(torch, dtype)
+
+
+def load_model(
+    path: str | os.PathLike | None = None,
+    verbose: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+) -> tuple[VLM, Processor]:
     """What the applications load: a checkpoint folder, or by default the bundled model
-    (``vlm/weights/default``); without one, the default preset with an untrained adapter."""
+    (``vlm/weights/default``); without one, the default preset with an untrained adapter.
+
+    ``device``: where the model goes (``"auto"``: see :func:`resolve_device`; ``None``:
+    it stays on the CPU it is built on). ``dtype``: every weight cast to it (a torch dtype
+    or ``float32``/``bfloat16``/``float16``); ``None`` or ``"auto"`` keep the stored ones
+    (the frozen LM in its config's ``lm.dtype``, the adapter as saved)."""
+    cast = resolve_dtype(dtype)
     if path is not None:
-        return from_pretrained(path, verbose=verbose)
-    if (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
-        return from_pretrained(DEFAULT_CHECKPOINT, verbose=verbose)
-    if verbose:
-        log.warning("no bundled checkpoint found; using the default preset with an untrained adapter")
-    return create_model_and_transforms(verbose=verbose)
+        model, processor = from_pretrained(path, verbose=verbose)
+    elif (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
+        model, processor = from_pretrained(DEFAULT_CHECKPOINT, verbose=verbose)
+    else:
+        if verbose:
+            log.warning("no bundled checkpoint found; using the default preset with an untrained adapter")
+        model, processor = create_model_and_transforms(verbose=verbose)
+    if device is not None or cast is not None:
+        model.to(device=resolve_device(device) if device is not None else None, dtype=cast)
+    return model, processor
 
 
 def from_pretrained(path: str | os.PathLike, verbose: bool = True) -> tuple[VLM, Processor]:
@@ -230,7 +261,7 @@ def from_pretrained(path: str | os.PathLike, verbose: bool = True) -> tuple[VLM,
     cfg, meta = load_config(path)
     model, processor = create_model_and_transforms(cfg, verbose=verbose)
     saved = meta.get("added_tokens", {})
-    now = {cfg.image_token: model.image_token_id, cfg.end_of_chunk_token: model.end_of_chunk_token_id}
+    now = added_token_ids(model)
     if saved and saved != now:
         raise ValueError(f"{path}: added token ids {saved} differ from this tokenizer's {now}")
     load_trainable(model, load_file(Path(path) / WEIGHTS_FILE), source=str(Path(path) / WEIGHTS_FILE))

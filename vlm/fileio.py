@@ -2,7 +2,11 @@
 
 Writes: a file or folder is written under a temporary name, flushed to disk (``fsync``),
 then renamed, and the rename itself is flushed (the parent folder's ``fsync``). Without
-the flushes a power cut can leave a final name pointing at empty or partial data.
+the flushes a power cut can leave a final name pointing at empty or partial data. Every
+writer in the project goes through :class:`AtomicFile` (or :func:`write_text` /
+:func:`write_bytes`) for a file and :func:`atomic_folder` for a folder; a reader sees the
+old version or the complete new one, and a failed or killed write leaves a hidden
+``.NAME.tmp-…`` beside the target, never a partial file under its name.
 
 Reads: weight files are plain tensors. Safetensors by extension, anything else with
 ``torch.load(weights_only=True)``; a file that needs unpickling is refused, since
@@ -14,10 +18,16 @@ from __future__ import annotations
 import os
 import pickle
 import re
+import secrets
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def fsync(path: str | os.PathLike) -> None:
@@ -48,15 +58,82 @@ def publish(tmp: str | os.PathLike, final: str | os.PathLike) -> None:
     fsync(final.parent)
 
 
+class AtomicFile:
+    """A new version of the file ``path``, written under a temporary name beside it
+    (:attr:`tmp`) and then either committed (it replaces ``path`` durably, see
+    :func:`publish`) or discarded (``path`` untouched). As a context manager it gives
+    :attr:`tmp` and commits when the block ends normally, discards when it raises::
+
+        with AtomicFile(path) as tmp:
+            save_file(tensors, tmp)
+
+    The caller creates the file (``open(tmp, "wb")``, ``save_file(..., tmp)``), so it gets
+    the usual permissions."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(f".{self.path.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+    def commit(self) -> Path:
+        try:
+            publish(self.tmp, self.path)
+        except BaseException:
+            self.discard()
+            raise
+        return self.path
+
+    def discard(self) -> None:
+        self.tmp.unlink(missing_ok=True)
+
+    def __enter__(self) -> Path:
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.commit()
+        else:
+            self.discard()
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Replace a file durably: a reader sees the old contents or the new, whole."""
+    with AtomicFile(path) as tmp:
+        tmp.write_bytes(data)
+
+
 def write_text(path: str | os.PathLike, text: str) -> None:
-    """Replace a small text file durably: a reader sees the old text or the new, whole."""
+    """Replace a text file (UTF-8) durably: a reader sees the old text or the new, whole."""
+    write_bytes(path, text.encode("utf-8"))
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike, replace: bool = True) -> Iterator[Path]:
+    """A temporary folder beside ``path`` to fill inside the ``with`` block; when the block
+    ends normally it becomes ``path`` durably, every file in it flushed first. An existing
+    ``path`` is replaced (moved aside, then deleted) or, with ``replace=False``, kept and
+    the new folder dropped (another process made it first). When the block raises, the
+    temporary folder is removed and ``path`` is untouched."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        tmp.write_text(text, encoding="utf-8")
-        publish(tmp, path)
+        yield tmp
+        if not replace and path.exists():
+            shutil.rmtree(tmp)
+            return
+        os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only
+        fsync_tree(tmp)  # on disk before the rename, or a power cut can leave a whole-looking empty folder
+        old = None
+        if path.exists():
+            # os.replace cannot replace a folder that has files: move it aside first.
+            old = path.with_name(f".{path.name}.tmp-old-{os.getpid()}-{secrets.token_hex(4)}")
+            os.replace(path, old)
+        os.replace(tmp, path)
+        fsync(path.parent)
+        if old is not None:
+            shutil.rmtree(old)
     except BaseException:
-        tmp.unlink(missing_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
@@ -70,6 +147,8 @@ class UnsafeFileError(ValueError):
 def load_tensors(path: str | os.PathLike, what: str = "weights file") -> dict[str, torch.Tensor]:
     """A state dict from ``path`` as plain tensors (``.safetensors``, or a torch file that
     ``weights_only=True`` accepts; a ``{"state_dict": ...}`` wrapper is unwrapped)."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{what} {str(path)!r} not found")
@@ -88,6 +167,8 @@ def load_tensors(path: str | os.PathLike, what: str = "weights file") -> dict[st
 def load_plain(path: str | os.PathLike, what: str = "file", advice: str = CONVERT_ADVICE) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers
     only. A file that names other Python objects raises :class:`UnsafeFileError`."""
+    import torch
+
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:

@@ -8,8 +8,12 @@ import io
 import os
 from typing import IO
 
-import numpy as np
 from PIL import Image
+
+IMAGE_EXTS = ("png", "jpg", "jpeg", "webp", "bmp", "gif")
+"""Image file extensions (lower case, no dot) that the tools take as images: folders
+searched by ``vlm caption`` and ``vlm data folder``, and shard members read by the data
+pipeline and ``vlm caption``, in this order of preference. PIL reads them all."""
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 MAX_SIDE = 16384
@@ -32,10 +36,18 @@ class ImageError(ValueError):
         self.kind = kind or reason
 
 
+def has_image_ext(name: str | os.PathLike) -> bool:
+    """Whether a file name ends in one of :data:`IMAGE_EXTS` (any case)."""
+    parts = str(name).rsplit(".", 1)
+    return len(parts) == 2 and parts[1].lower() in IMAGE_EXTS
+
+
 def to_rgb(image: Image.Image) -> Image.Image:
     """Any PIL mode to RGB; transparency goes onto white, 16-bit is scaled down."""
     if image.mode == "RGB":
         return image
+    import numpy as np  # only these conversions need it
+
     if image.mode in ("I;16", "I;16B", "I;16L", "I"):
         arr = np.asarray(image, dtype=np.float64)
         top = 65535.0 if image.mode.startswith("I;16") else max(float(arr.max()), 1.0)

@@ -36,6 +36,7 @@ class VLM(nn.Module):
         image_token_id: int,
         end_of_chunk_token_id: int,
         cross_attn_layers: list[int],
+        new_token_ids: list[int] | None = None,
     ):
         super().__init__()
         self.config = config
@@ -46,8 +47,10 @@ class VLM(nn.Module):
         self.end_of_chunk_token_id = end_of_chunk_token_id
         self.cross_attn_layers = cross_attn_layers
         base_in, base_out = lm.get_input_embeddings(), lm.get_output_embeddings()
-        self.embed = TokenEmbedding(base_in, [image_token_id, end_of_chunk_token_id])
-        self.head = OutputHead(base_out, self.embed, tied=base_out.weight is base_in.weight)
+        # Trainable rows for the added tokens, in the order config.new_tokens() lists them.
+        self.embed = TokenEmbedding(base_in, new_token_ids or [image_token_id, end_of_chunk_token_id])
+        tied = base_out.weight is base_in.weight
+        self.head = OutputHead(base_out, self.embed, tied, config.lm.vocab_size)
         self._decoder = [find_decoder(lm)[0]]  # a reference: it is already a submodule of lm
         # transformers renamed the decoders' cache argument (past_key_values in 5.17, cache
         # in 5.24); a wrong name lands in **kwargs unread and the cache silently stays empty.
@@ -96,9 +99,20 @@ class VLM(nn.Module):
         tower_param = next(self.vision.parameters())
         with torch.no_grad():
             feats = self.vision(images.to(tower_param.dtype))  # (B, T, N, Dv)
-        return self.resampler(feats.to(self.resampler.proj_in.weight.dtype))
+        return self.resampler(feats.to(self.resampler.latents.dtype))
 
-    def media_state(self, latents: torch.Tensor, input_ids: torch.Tensor) -> MediaState:
+    def media_state(
+        self,
+        latents: torch.Tensor,
+        input_ids: torch.Tensor,
+        last: int | None = None,
+        kv: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None,
+    ) -> MediaState:
+        """What the cross-attention layers need for one call: which image each position
+        follows, checked against the images there are. ``input_ids`` (B, S): every token of
+        the sequence so far; ``last``: the call runs only its last ``last`` positions (the
+        earlier ones are in a generation cache); ``kv``: per-layer keys/values over the
+        latents, computed once (a generation session's)."""
         media_index = (input_ids == self.image_token_id).cumsum(dim=1)  # (B, S)
         counts = media_index[:, -1]
         if bool((counts > latents.shape[1]).any()):
@@ -107,7 +121,10 @@ class VLM(nn.Module):
                 f"sample {bad} has {int(counts[bad])} {self.config.image_token} tokens but only "
                 f"{latents.shape[1]} images were given"
             )
-        return MediaState(latents, media_index, self.config.cross_attn.only_latest_image)
+        if last is not None:
+            media_index = media_index[:, -last:]
+        only_latest = self.config.cross_attn.only_latest_image
+        return MediaState(latents, media_index, only_latest, kv={} if kv is None else kv)
 
     def hidden_states(
         self,

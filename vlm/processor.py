@@ -2,7 +2,8 @@
 
 A sample is a list of text segments, each trained on or not, plus its images in
 the order of the ``<image>`` markers in the text. Padding, media tokens and the
-prompt part of question-answer samples never get a label.
+prompt part of question-answer samples never get a label. Which format and prompt a
+task uses is :mod:`vlm.tasks`' business; this module provides the formats.
 
 Control tokens (``<image>``, ``<|endofchunk|>``, a chat template's ``<|im_start|>`` and
 every other added token of the tokenizer) come only from the processor's own structure:
@@ -22,10 +23,6 @@ import torch
 from PIL import Image
 
 from .model import IGNORE_INDEX
-
-# Task prompts shared by the data pipeline and the applications.
-CAPTION_PROMPT = "Describe the image in one sentence."
-SKETCH_PROMPT = "Write the HTML for this sketch."
 
 # Unicode noncharacters, reserved for a program's internal use: real text does not carry
 # them (escape() strips any that it does). They wrap a control token's text inside

@@ -13,12 +13,12 @@ from __future__ import annotations
 import importlib.util
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
+
+from .fileio import atomic_folder
 
 SMOLLM2 = "smollm2-135m-instruct"
 BUNDLED_LMS = (SMOLLM2,)
@@ -91,15 +91,10 @@ def smollm2_folder() -> Path:
     # A GGUF-loaded model refuses save_pretrained; copy its weights into a plain one.
     model = LlamaForCausalLM(gguf_model.config)
     model.load_state_dict(gguf_model.state_dict())
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
-    try:
+    # Another process may have made it meanwhile: then its copy stays and this one goes.
+    with atomic_folder(target, replace=False) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target) if not target.exists() else shutil.rmtree(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
 
 

@@ -16,10 +16,11 @@ from pathlib import Path
 
 from PIL import Image
 
+from vlm.images import IMAGE_EXTS
 from vlm.registry import cache_dir
 from vlm.tario import DEFAULT_MAX_MEMBER_BYTES
 
-from .decode import IMAGE_EXTS, SkipSample, decode_image
+from .decode import SkipSample, decode_image
 from .shards import caption_sample, image_bytes, qa_sample, sketch_sample
 
 Built = tuple[dict | None, str | None]
@@ -53,7 +54,7 @@ def from_folder(folder: str | os.PathLike) -> Iterator[Built]:
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder} is not a folder")
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in (*IMAGE_EXTS, "bmp", "gif"))
+    images = sorted(p for p in folder.rglob("*") if p.suffix.lower().lstrip(".") in IMAGE_EXTS)
     for i, path in enumerate(images):
         if not path.is_file():
             yield None, f"{path}: not a regular file"

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from PIL import Image
-
-from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
+from vlm.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, ImageError, load_image
 from vlm.model import IGNORE_INDEX
-from vlm.processor import CAPTION_PROMPT, SKETCH_PROMPT, Processor, Segment
+from vlm.tasks import Example, for_kind
 
-IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlm.processor import Processor, Segment
+
 MAX_TEXT_BYTES = 1024 * 1024
 """Largest text member (``.txt``, ``.json``, ``.html``) decoded. Samples are capped at a few
 thousand tokens anyway (:attr:`SourceConfig.max_tokens`), a few tens of KB of text; a
@@ -34,15 +36,6 @@ class SkipSample(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
-
-
-@dataclass
-class Example:
-    kind: str  # caption | qa | interleaved | sketch
-    images: list[Image.Image]
-    text: str = ""
-    turns: list[tuple[str, str]] | None = None
-    items: list[dict] | None = None
 
 
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
@@ -125,16 +118,9 @@ def decode_sample(sample: dict, kind: str, max_pixels: int = DEFAULT_MAX_PIXELS)
 
 
 def example_segments(processor: Processor, ex: Example) -> list[Segment]:
-    """The training text of an example in the model's prompt format."""
-    chat = processor.uses_chat_template
-    if ex.kind == "caption":
-        return processor.chat_segments([(CAPTION_PROMPT, ex.text)]) if chat else processor.caption_segments(ex.text)
-    if ex.kind == "sketch":
-        return processor.chat_segments([(SKETCH_PROMPT, ex.text)])
-    if ex.kind == "qa":
-        return processor.chat_segments(ex.turns)
-    # The items, not a joined string: text items stay text whatever they contain.
-    return processor.interleaved_segments(ex.items)
+    """The training text of an example in the model's prompt format: its task's
+    (:mod:`vlm.tasks`), which also gives the same prompt to ``vlm eval`` and the apps."""
+    return for_kind(ex.kind).segments(processor, ex)
 
 
 def fit_tokens(ids: list[int], labels: list[int], max_tokens: int) -> tuple[list[int], list[int], bool]:

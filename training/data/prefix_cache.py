@@ -13,7 +13,7 @@ added tokens' rows (they enter layers below ``L``), the system prompt, the sampl
 format and the token cap. A cache for another model, layer or dtype therefore has
 another name and is never opened; a changed shard fails the shard hash and is rebuilt;
 the loader checks every sample's ids against the stored hash and raises on a mismatch.
-Files are written under a temporary name, flushed and renamed (:func:`vlm.fileio.publish`),
+Files are written under a temporary name, flushed and renamed (:class:`vlm.fileio.AtomicFile`),
 so a half-written cache never has the final name.
 """
 
@@ -26,16 +26,19 @@ import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from tqdm import tqdm
 
-from vlm.fileio import publish
-from vlm.processor import Processor
+from vlm.fileio import AtomicFile
 from vlm.tario import ShardError, iter_tar_samples
 
 from .decode import decode_sample, example_segments, fit_tokens
 from .shards import as_raw, expand_shards
+
+if TYPE_CHECKING:
+    from vlm.processor import Processor
 
 FORMAT_VERSION = "1"
 STORAGE_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -172,13 +175,8 @@ def build_shard(
         "storage": storage,
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with AtomicFile(path) as tmp:
         save_file(tensors, str(tmp), metadata=meta)
-        publish(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     return len(tensors), path.stat().st_size
 
 

@@ -8,8 +8,9 @@ Formats (files of one sample share the basename ``key``):
                images as ``key.0.png``, ``key.1.png``, …
 - sketch:      ``key.png`` (the sketch), ``key.html`` (the target page body)
 
-A shard is written under a temporary name and renamed when complete, so a reader
-never sees a half-written shard under its final name.
+A shard is written under a temporary name and renamed when complete
+(:class:`vlm.fileio.AtomicFile`), so a reader never sees a half-written shard under its
+final name.
 """
 
 from __future__ import annotations
@@ -20,11 +21,16 @@ import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import webdataset as wds
 from PIL import Image
 
-from vlm.tario import ShardError, TarSample, iter_tar_samples
+from vlm.fileio import AtomicFile
+from vlm.tario import ShardError, iter_tar_samples
+
+if TYPE_CHECKING:
+    from vlm.tario import TarSample
 
 FORMATS = ("caption", "qa", "interleaved", "sketch")
 
@@ -77,7 +83,7 @@ class ShardWriter:
     _index: int = 0
     _tar: wds.TarWriter | None = None
     _file: object = None
-    _tmp: Path | None = None
+    _target: AtomicFile | None = None
     _in_shard: int = 0
     _bytes: int = 0
 
@@ -86,9 +92,8 @@ class ShardWriter:
         self.folder.mkdir(parents=True, exist_ok=True)
 
     def _open(self) -> None:
-        final = self.folder / f"{self.prefix}-{self._index:06d}.tar"
-        self._tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
-        self._file = open(self._tmp, "wb")  # noqa: SIM115 (closed in _close)
+        self._target = AtomicFile(self.folder / f"{self.prefix}-{self._index:06d}.tar")
+        self._file = open(self._target.tmp, "wb")  # noqa: SIM115 (closed in _close)
         self._tar = wds.TarWriter(self._file, encoder=False)
         self._in_shard = self._bytes = 0
 
@@ -97,9 +102,7 @@ class ShardWriter:
             return
         self._tar.close()
         self._file.close()
-        final = self.folder / f"{self.prefix}-{self._index:06d}.tar"
-        os.replace(self._tmp, final)
-        self.written.append(final)
+        self.written.append(self._target.commit())
         self._tar = None
         self._index += 1
 
@@ -123,7 +126,7 @@ class ShardWriter:
         if self._tar is not None:
             self._tar.close()
             self._file.close()
-            self._tmp.unlink(missing_ok=True)
+            self._target.discard()
             self._tar = None
 
     def __enter__(self) -> ShardWriter:

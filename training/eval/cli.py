@@ -1,14 +1,16 @@
 """``vlm-eval``: score a model on held-out shards, zero- and few-shot.
 
     vlm-eval --model runs/x/step-004000/model --task easy-vqa shapes emoji sketch --shots 0 2 4
-    vlm-eval --task easy-vqa --shards data/shards/easy-vqa-test --limit 500 --out results.json
+    vlm-eval --task easy-vqa --shards data/shards/easy-vqa-test --limit 500 --batch_size 32 --out results.json
     vlm-eval --task easy-vqa sketch --predictions p.jsonl && vlm-eval --breakdown p.jsonl
 
 Tasks: ``easy-vqa`` and ``shapes`` (question answering: VQA-normalised exact match),
 ``emoji`` (captioning: BLEU-1..4, ROUGE-L, CIDEr-D, exact match), ``sketch``
 (sketch-to-HTML: validity, structure, text, and with ``--render`` layout and screenshot
-similarity). Few-shot prompts put k examples from the same shards (never the query
-itself), chosen with a fixed seed, before the query. Writes JSON and a markdown table.
+similarity). Prompts and decoding settings are each task's (:mod:`vlm.tasks`), the ones
+the model was trained with and the apps use. Few-shot prompts put k examples from the
+same shards (never the query itself), chosen with a fixed seed, before the query. Writes
+JSON and a markdown table.
 ``--breakdown`` reads a ``--predictions`` file instead and prints where the answers go
 wrong (easy-VQA by answer type, sketch page parts; :mod:`vlm_train.eval.breakdown`).
 """
@@ -23,67 +25,71 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from tqdm import tqdm
+from vlm.apps import add_model_arguments
+from vlm.tasks import CAPTION, SKETCH, VQA, Task
 
-from vlm.factory import load_model
-from vlm.generate import GenerationConfig, generate
-from vlm.processor import CAPTION_PROMPT, SKETCH_PROMPT
+if TYPE_CHECKING:
+    from PIL import Image
 
-from ..data.decode import Example, SkipSample, decode_sample
-from ..data.shards import expand_shards, iter_tar
-
-TASKS = {
-    "easy-vqa": ("qa", "data/shards/easy-vqa-test", 8),
-    "shapes": ("qa", "data/shards/shapes-test", 8),
-    "emoji": ("caption", "data/shards/emoji-test", 24),
-    "sketch": ("sketch", "data/shards/sketch-test", 400),
+# Benchmark -> (task, its default test shards). Prompts and decoding are the task's (vlm/tasks.py).
+TASKS: dict[str, tuple[Task, str]] = {
+    "easy-vqa": (VQA, "data/shards/easy-vqa-test"),
+    "shapes": (VQA, "data/shards/shapes-test"),
+    "emoji": (CAPTION, "data/shards/emoji-test"),
+    "sketch": (SKETCH, "data/shards/sketch-test"),
 }
 
 
 @dataclass
 class Item:
     key: str
-    image: object
-    prompt: str
+    image: Image.Image
+    query: str | None
+    """The question (question answering); None for the tasks whose prompt is fixed."""
     answer: str
 
 
-def load_items(spec: str, kind: str, limit: int | None) -> list[Item]:
+def load_items(spec: str, task: Task, limit: int | None) -> list[Item]:
+    from ..data.decode import SkipSample, decode_sample
+    from ..data.shards import expand_shards, iter_tar
+
     items = []
     for path in expand_shards(spec):
         for raw in iter_tar(path):
             try:
-                ex: Example = decode_sample(raw, kind)
+                ex = decode_sample(raw, task.kind)
             except SkipSample:
                 continue
-            if kind == "qa":
-                prompt, answer = ex.turns[0]
-            else:
-                prompt, answer = (CAPTION_PROMPT if kind == "caption" else SKETCH_PROMPT), ex.text
-            items.append(Item(raw["__key__"], ex.images[0], prompt, answer))
+            query, answer = ex.turns[0] if ex.turns else (None, ex.text)
+            items.append(Item(raw["__key__"], ex.images[0], query, answer))
             if limit and len(items) >= limit:
                 return items
     return items
 
 
-def prompts(processor, items: list[Item], pool: list[Item], shots: int, seed: int) -> Iterator[tuple]:
+def prompts(processor, task: Task, items: list[Item], pool: list[Item], shots: int, seed: int) -> Iterator[tuple]:
     """(segments, images) per item; k support examples drawn from ``pool`` minus the item."""
     for item in items:
         rng = random.Random(f"{seed}-{item.key}")
         support = [p for p in rng.sample(pool, min(len(pool), shots + 1)) if p.key != item.key][:shots]
         if shots:
-            segments = processor.few_shot_segments([(s.prompt, s.answer) for s in support], item.prompt)
+            segments = task.few_shot(processor, [(s.query, s.answer) for s in support], item.query)
         else:
-            segments = processor.chat_segments([(item.prompt, None)])
+            segments = task.prompt(processor, item.query)
         yield segments, [s.image for s in support] + [item.image]
 
 
-def predict(model, processor, items, pool, shots, seed, batch_size, max_new_tokens) -> list[str]:
+def predict(model, processor, task: Task, items, pool, shots, seed, batch_size) -> list[str]:
+    import torch
+    from tqdm import tqdm
+
+    from vlm.generate import generate
+
     out: list[str] = []
-    pairs = list(prompts(processor, items, pool, shots, seed))
-    config = GenerationConfig(max_new_tokens=max_new_tokens)
+    pairs = list(prompts(processor, task, items, pool, shots, seed))
+    config = task.generation_config()
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(pairs), batch_size), desc=f"{shots}-shot", unit="batch", leave=False):
         chunk = pairs[start : start + batch_size]
@@ -95,17 +101,17 @@ def predict(model, processor, items, pool, shots, seed, batch_size, max_new_toke
     return out
 
 
-def score(kind: str, items: list[Item], predictions: list[str], render: bool) -> tuple[dict, list[dict]]:
+def score(task: Task, items: list[Item], predictions: list[str], render: bool) -> tuple[dict, list[dict]]:
     from .text_metrics import caption_scores, exact_match
 
     per_item = [{"key": it.key, "prediction": p, "reference": it.answer} for it, p in zip(items, predictions)]
-    if kind == "qa":
+    if task is VQA:
         hits = [exact_match(p, it.answer) for it, p in zip(items, predictions)]
         for row, hit, it in zip(per_item, hits, items):
-            row["question"] = it.prompt
+            row["question"] = it.query
             row["correct"] = hit
         return {"accuracy": sum(hits) / max(len(hits), 1), "count": len(hits)}, per_item
-    if kind == "caption":
+    if task is CAPTION:
         metrics = caption_scores(
             {it.key: p for it, p in zip(items, predictions)}, {it.key: [it.answer] for it in items}
         )
@@ -135,14 +141,14 @@ def markdown(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-eval", description=__doc__.split("\n")[0])
-    parser.add_argument("--model", help="checkpoint folder (default: the bundled model)")
+    add_model_arguments(parser)
     parser.add_argument("--task", nargs="+", default=["easy-vqa"], choices=sorted(TASKS))
     parser.add_argument("--shards", help="shards for the (single) task instead of its default test shards")
     parser.add_argument("--shots", type=int, nargs="+", default=[0])
     parser.add_argument("--limit", type=int, help="evaluate only the first N samples of each task")
-    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--batch_size", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--render", action="store_true", help="sketch: also layout IoU and screenshot similarity")
     parser.add_argument("--out", default="eval_results.json")
@@ -150,6 +156,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--breakdown", metavar="PREDICTIONS", help="only break down a --predictions file by answer type or page part"
     )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.breakdown:
         from .breakdown import breakdown, read_predictions
@@ -161,39 +172,50 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.shards and len(args.task) != 1:
         parser.error("--shards goes with exactly one --task")
+    if args.batch_size < 1:
+        parser.error("--batch_size must be at least 1")
+    import torch
+
+    from vlm import render
+    from vlm.factory import load_model
+    from vlm.fileio import write_text
+
+    if args.render and "sketch" in args.task:
+        try:
+            render.check_available()  # before the minutes spent loading a model
+        except render.RendererUnavailable as e:
+            parser.exit(2, f"vlm-eval: error: --render: {e}\n")
     try:
-        model, processor = load_model(args.model, verbose=False)
-    except (OSError, ValueError) as e:
+        model, processor = load_model(args.model, verbose=False, device=args.device, dtype=args.dtype)
+    except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
         parser.exit(2, f"vlm-eval: error: cannot load the model: {e}\n")
     model.eval()
     torch.manual_seed(args.seed)
     results: dict[str, dict] = {}
     rows_out = []
-    for task in args.task:
-        kind, default_shards, max_new = TASKS[task]
+    for name in args.task:
+        task, default_shards = TASKS[name]
         try:
-            items = load_items(args.shards or default_shards, kind, args.limit)
+            items = load_items(args.shards or default_shards, task, args.limit)
         except FileNotFoundError as e:
-            parser.exit(2, f"vlm-eval: error: {task}: {e}. Build the shards with scripts/build_default_data.sh\n")
+            parser.exit(2, f"vlm-eval: error: {name}: {e}. Build the shards with scripts/build_default_data.sh\n")
         if not items:
-            parser.exit(2, f"vlm-eval: error: {task}: no usable samples\n")
-        results[task] = {}
+            parser.exit(2, f"vlm-eval: error: {name}: no usable samples\n")
+        results[name] = {}
         for shots in args.shots:
             start = time.perf_counter()
-            predictions = predict(model, processor, items, items, shots, args.seed, args.batch_size, max_new)
-            metrics, per_item = score(kind, items, predictions, args.render)
+            predictions = predict(model, processor, task, items, items, shots, args.seed, args.batch_size)
+            metrics, per_item = score(task, items, predictions, args.render)
             metrics["seconds"] = round(time.perf_counter() - start, 1)
-            results[task][f"{shots}-shot"] = metrics
-            rows_out += [{"task": task, "shots": shots, **row} for row in per_item]
+            results[name][f"{shots}-shot"] = metrics
+            rows_out += [{"task": name, "shots": shots, **row} for row in per_item]
             shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"{task} {shots}-shot: {shown}", flush=True)
+            print(f"{name} {shots}-shot: {shown}", flush=True)
     out = Path(args.out)
-    out.write_text(json.dumps({"model": args.model or "bundled", "seed": args.seed, "results": results}, indent=2))
-    out.with_suffix(".md").write_text(markdown(results))
+    write_text(out, json.dumps({"model": args.model or "bundled", "seed": args.seed, "results": results}, indent=2))
+    write_text(out.with_suffix(".md"), markdown(results))
     if args.predictions:
-        with open(args.predictions, "w", encoding="utf-8") as f:
-            for row in rows_out:
-                f.write(json.dumps(row) + "\n")
+        write_text(args.predictions, "".join(json.dumps(row) + "\n" for row in rows_out))
     print(markdown(results))
     return 0
 

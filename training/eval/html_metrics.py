@@ -1,9 +1,10 @@
 """Scores for generated sketch-to-HTML pages against the reference body HTML.
 
 Structural scores work on the tag tree (``html.parser``, text nodes left out); visual scores
-render both pages in one headless Chromium (playwright) and compare element boxes and
-screenshots. Pages are always rendered through ``vlm.html.document``, whose CSP forbids
-scripts and network, and the browser additionally refuses every request it is asked to make.
+render both pages in one headless Chromium (:mod:`vlm.render`, the renderer of
+``vlm sketch2html --render`` too) and compare element boxes and screenshots. Pages are
+always rendered through ``vlm.html.document``, whose CSP forbids scripts and network, and
+the browser additionally refuses every request it is asked to make.
 """
 
 from __future__ import annotations
@@ -14,30 +15,20 @@ from collections import Counter, OrderedDict, defaultdict
 from dataclasses import dataclass, field
 from difflib import SequenceMatcher
 from html.parser import HTMLParser
-from typing import Any
 
 import numpy as np
 import zss
 from PIL import Image
 
-from vlm.apps.sketch2html import find_chromium  # one lookup for the CLI and the metrics
+from vlm import render
 from vlm.html import VOID, document, repair_html
 
 # The elements whose boxes the layout score compares; ``div`` only as a card, because the
 # other divs (columns) are invisible wrappers whose boxes repeat their contents'.
 LAYOUT_SELECTOR = "header, nav, a, h1, h2, h3, p, img, button, form, input, label, ul, li, div.card, section, footer"
 SCREENSHOT_COMPARE_SIZE = (256, 192)  # small enough to forgive sub-pixel text differences, large enough to see blocks
-CHROMIUM_FLAGS = ("--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking",
-                  "--disable-component-update", "--disable-sync")  # fmt: skip
 _INVISIBLE = {"script", "style", "template", "title"}  # their text never shows on the page
 _CACHED_RENDERS = 32  # a reference is often scored against several predictions in a row
-
-# Reads every element's box in document order. Runs through the DevTools protocol, which the page's CSP does not
-# govern, so no script is ever allowed inside the page itself.
-_BOXES_JS = """selector => Array.from(document.querySelectorAll(selector), e => {
-  const r = e.getBoundingClientRect();
-  return [e.tagName.toLowerCase(), e.getAttribute("class") || "", r.x, r.y, r.width, r.height];
-})"""
 
 
 @dataclass(frozen=True)
@@ -210,38 +201,25 @@ class Rendered:
 
 
 class Renderer:
-    """One headless Chromium that renders many pages; use as a context manager."""
+    """One headless Chromium (:class:`vlm.render.Renderer`) that renders many pages for
+    scoring, with the page shell, the repair pass and a small cache; use as a context manager."""
 
     def __init__(self, width: int = 1024, height: int = 768) -> None:
-        self.width, self.height = width, height
-        self._playwright: Any = None
-        self._browser: Any = None
-        self._page: Any = None
+        self._browser = render.Renderer(width, height)
+        self._open = False
         self._cache: OrderedDict[str, Rendered] = OrderedDict()
 
     def __enter__(self) -> Renderer:
-        executable = find_chromium()  # before starting playwright, so a missing browser fails fast and clearly
-        from playwright.sync_api import sync_playwright  # a dev dependency: only rendering needs it
-
-        self._playwright = sync_playwright().start()
-        try:
-            self._browser = self._playwright.chromium.launch(executable_path=executable, args=list(CHROMIUM_FLAGS))
-            self._page = self._browser.new_page(viewport={"width": self.width, "height": self.height})
-            self._page.route("**/*", _only_local)
-        except BaseException:
-            self.close()
-            raise
+        self._browser.__enter__()
+        self._open = True
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
-        if self._browser is not None:
-            self._browser.close()
-        if self._playwright is not None:
-            self._playwright.stop()
-        self._playwright = self._browser = self._page = None
+        self._browser.close()
+        self._open = False
 
     def render(self, body_html: str) -> Rendered:
         """Screenshot (viewport, grayscale) and element boxes of ``vlm.html.document`` around the repaired body.
@@ -249,28 +227,18 @@ class Renderer:
         Repaired as the app shows pages; that also drops what could leave the page (a meta refresh, which the CSP
         does not stop), so the next render still finds it in place. Well-formed canonical HTML comes out unchanged.
         """
-        if self._page is None:
+        if not self._open:
             raise RuntimeError("Renderer is not open: use it as `with Renderer() as renderer:`")
         if body_html in self._cache:
             self._cache.move_to_end(body_html)
             return self._cache[body_html]
-        self._page.set_content(document(repair_html(body_html)[0]))
-        raw = self._page.evaluate(_BOXES_JS, LAYOUT_SELECTOR)
-        boxes = [(_kind(tag, css_class), x, y, w, h) for tag, css_class, x, y, w, h in raw if w > 0 and h > 0]
-        screenshot = Image.open(io.BytesIO(self._page.screenshot(type="png"))).convert("L")
-        rendered = Rendered(screenshot, boxes)
+        snapshot = self._browser.render(document(repair_html(body_html)[0]), LAYOUT_SELECTOR)
+        boxes = [(_kind(tag, cls), x, y, w, h) for tag, cls, x, y, w, h in snapshot.boxes if w > 0 and h > 0]
+        rendered = Rendered(Image.open(io.BytesIO(snapshot.png)).convert("L"), boxes)
         self._cache[body_html] = rendered
         if len(self._cache) > _CACHED_RENDERS:
             self._cache.popitem(last=False)
         return rendered
-
-
-def _only_local(route: Any) -> None:
-    # The CSP already forbids fetching; this is the second lock, in case a page ever gets past it.
-    if route.request.url.startswith(("about:", "data:")):
-        route.continue_()
-    else:
-        route.abort()
 
 
 def _iou(a: Box, b: Box) -> float:

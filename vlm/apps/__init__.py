@@ -1,1 +1,40 @@
-"""Command-line applications built on the public vlm API: vlm-caption, vlm-sketch2html."""
+"""The command-line applications, ``vlm caption`` and ``vlm sketch2html``: argument parsing
+and I/O only; the work is done by the library (:mod:`vlm.tasks`, :mod:`vlm.render`).
+
+Flags are spelled with underscores (``--max_new_tokens``); the ``vlm`` command turns
+``--max-new-tokens`` into that before a ``main`` sees it. Importing an app and building its
+parser does not import torch, so ``--help`` answers at once; ``main`` imports the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+
+DTYPES = ("auto", "float32", "bfloat16", "float16")  # vlm.factory.DTYPES (which imports torch)
+_DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"expected auto, cpu, cuda, cuda:N or mps, got {text!r}")
+    return text
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--model``, ``--device`` and ``--dtype``, which every inference command takes and
+    passes to :func:`vlm.factory.load_model`."""
+    parser.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the bundled model)")
+    parser.add_argument(
+        "--device",
+        type=_device,
+        default="auto",
+        metavar="DEVICE",
+        help="auto, cpu, cuda, cuda:N or mps (default: auto: cuda when available, else mps, else cpu)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="cast the weights to this dtype (default: auto: as stored, float32 for the bundled model)",
+    )

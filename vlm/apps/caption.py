@@ -23,20 +23,19 @@ from contextlib import closing
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import IO
+from typing import IO, TYPE_CHECKING
 
-import torch
-from PIL import Image
-from tqdm import tqdm
-
-from vlm.factory import load_model
-from vlm.generate import GenerationConfig, generate
-from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from vlm.model import VLM
-from vlm.processor import CAPTION_PROMPT, Processor
+from vlm.apps import add_model_arguments
+from vlm.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, has_image_ext
 from vlm.tario import ShardError, iter_tar_samples
+from vlm.tasks import CAPTION, CAPTION_PROMPT
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+if TYPE_CHECKING:
+    from PIL import Image
+
+    from vlm.model import VLM
+    from vlm.processor import Processor
+
 CSV_HEADER = ["path", "caption", "error"]
 
 
@@ -54,25 +53,6 @@ class OutputError(Exception):
     """Writing the output failed (disk full, I/O error, a closed pipe): the run stops."""
 
 
-def caption_images(
-    model: VLM, processor: Processor, images: Sequence[Image.Image], prompt: str | None, config: GenerationConfig
-) -> list[str]:
-    """One stripped caption per image. ``prompt=None`` uses the model's default caption prompt."""
-    if not images:
-        return []
-    if processor.uses_chat_template:
-        segments = processor.chat_segments([(prompt or CAPTION_PROMPT, None)])
-    else:
-        # Non-chat LMs were trained on Flamingo's "<image>caption" form, so no instruction unless asked for.
-        segments = processor.caption_prompt(prompt or "")
-    batch = processor([segments] * len(images), [[image] for image in images], padding_side="left")
-    device = next(model.parameters()).device
-    tensors = [batch[name].to(device) for name in ("images", "input_ids", "attention_mask")]
-    with torch.inference_mode():
-        result = generate(model, *tensors, config=config, tokenizer=processor.tokenizer)
-    return [text.strip() for text in result.texts or []]
-
-
 # ---------------------------------------------------------------------- inputs
 
 
@@ -80,7 +60,7 @@ def _walk(folder: str) -> list[str]:
     found = []
     for root, dirs, files in os.walk(folder):
         dirs.sort()
-        found.extend(os.path.join(root, f) for f in sorted(files) if f.lower().endswith(IMAGE_EXTS))
+        found.extend(os.path.join(root, f) for f in sorted(files) if has_image_ext(f))
     return found
 
 
@@ -108,7 +88,7 @@ def collect_inputs(args: Sequence[str], lists: Sequence[str]) -> tuple[list[str]
                     files.extend(_walk(match))
                 elif match.lower().endswith(".tar"):
                     shards.append(match)
-                elif match.lower().endswith(IMAGE_EXTS):
+                elif has_image_ext(match):
                     files.append(match)
         elif arg.lower().endswith(".tar"):
             expanded = list(braceexpand.braceexpand(arg))
@@ -137,13 +117,15 @@ def _shard_items(shard: str) -> Iterator[tuple[str, Source]]:
                 yield row, Failure(f"{sample.problem} ({sample.detail})")
                 continue
             members = sample.members
-            image = next((m for m in members if m.rsplit(".", 1)[-1] in ("png", "jpg", "jpeg", "webp")), None)
+            image = next((m for m in members if m.rsplit(".", 1)[-1] in IMAGE_EXTS), None)
             yield row, members[image] if image else Failure(f"no image in sample (members: {', '.join(members)})")
     except ShardError as e:
         yield shard, Failure(f"unreadable shard ({e})")
 
 
 def _decode(source: Source, max_pixels: int) -> tuple[Image.Image | None, str | None]:
+    from vlm.images import ImageError, load_image
+
     if isinstance(source, Failure):
         return None, source.message
     try:
@@ -304,19 +286,19 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("inputs", nargs="*", metavar="INPUT", help="folder, 'glob', list.txt, shard.tar or 'x-{000000..000009}.tar'")
     add("--list", action="append", default=[], metavar="FILE", help="image paths, one a line, relative to the cwd")
-    add("--model", metavar="DIR", help="checkpoint folder (default: the bundled model)")
+    add_model_arguments(parser)
     add("--out", type=Path, metavar="FILE", default=Path("captions.jsonl"), help="default: %(default)s")
     add("--format", choices=["jsonl", "csv"], help="default: from the --out extension, else jsonl")
-    add("--batch-size", type=int, metavar="N", default=8, help="default: %(default)s")
+    add("--batch_size", type=int, metavar="N", default=8, help="default: %(default)s")
     add("--prompt", metavar="TEXT", help=f"default: {CAPTION_PROMPT!r}; LMs without a chat template: none")
-    add("--max-new-tokens", type=int, metavar="N", default=32, help="default: %(default)s")
-    add("--num-beams", type=int, metavar="N", default=1, help="beam search when > 1 (default: %(default)s)")
+    decoding = CAPTION.decoding
+    add("--max_new_tokens", type=int, metavar="N", default=decoding.max_new_tokens, help="default: %(default)s")
+    add("--num_beams", type=int, metavar="N", default=1, help="beam search when > 1 (default: %(default)s)")
     add("--sample", action="store_true", help="sample instead of greedy decoding")
     add("--temperature", type=float, default=1.0, help="with --sample (default: %(default)s)")
-    add("--top-p", type=float, default=1.0, help="with --sample (default: %(default)s)")
+    add("--top_p", type=float, default=1.0, help="with --sample (default: %(default)s)")
     add("--seed", type=int, help="with --sample: the same seed and batches give the same captions")
-    add("--max-pixels", type=int, metavar="N", default=DEFAULT_MAX_PIXELS, help="larger are refused (%(default)s)")
-    add("--device", help="cpu, cuda, cuda:1… (default: cuda when available)")
+    add("--max_pixels", type=int, metavar="N", default=DEFAULT_MAX_PIXELS, help="larger are refused (%(default)s)")
     return parser
 
 
@@ -326,9 +308,14 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(format="%(name)s: %(message)s")  # vlm's progress notes (e.g. the first-run dequantising)
     logging.getLogger("vlm").setLevel(logging.INFO)
     if min(args.batch_size, args.max_new_tokens, args.num_beams, args.max_pixels) < 1:
-        parser.error("--batch-size, --max-new-tokens, --num-beams and --max-pixels must be at least 1")
+        parser.error("--batch_size, --max_new_tokens, --num_beams and --max_pixels must be at least 1")
     fmt = args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl")
-    config = GenerationConfig(
+    from tqdm import tqdm
+
+    from vlm.factory import load_model
+    from vlm.tasks import caption_images
+
+    config = CAPTION.generation_config(
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         do_sample=args.sample,
@@ -357,12 +344,11 @@ def main(argv: list[str] | None = None) -> int:
     def model() -> tuple[VLM, Processor]:
         # Loaded on first need: a finished job's rerun returns at once instead of loading backbones.
         if not loaded:
-            device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
             try:
-                vlm_model, processor = load_model(args.model, verbose=False)
-                loaded.append((vlm_model.to(device).eval(), processor))
+                vlm_model, processor = load_model(args.model, verbose=False, device=args.device, dtype=args.dtype)
+                loaded.append((vlm_model.eval(), processor))
             except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
-                parser.exit(2, f"{parser.prog}: error: cannot load the model on {device}: {e}\n")
+                parser.exit(2, f"{parser.prog}: error: cannot load the model on {args.device}: {e}\n")
         return loaded[0]
 
     skipped = captioned = failed = 0
