@@ -116,10 +116,16 @@ class LMConfig:
     Hugging Face hub id (downloads only if the user's environment allows it)."""
     dtype: str = "float32"
     """dtype of the frozen LM weights: ``"float32"`` or ``"bfloat16"``."""
+    vocab_size: int | None = None
+    """Score only the token ids below this. ``None``: every row of the LM's head, plus the
+    added tokens. OpenFlamingo resizes the LM's embeddings to its tokenizer's length, which
+    drops the padding rows of LMs such as MPT-7B (50432 rows for 50277 tokens)."""
 
     def validate(self) -> None:
         if self.dtype not in ("float32", "bfloat16", "float16"):
             raise ValueError(f"lm.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.vocab_size is not None and self.vocab_size < 1:
+            raise ValueError(f"lm.vocab_size must be >= 1, got {self.vocab_size}")
 
 
 @dataclass
@@ -132,9 +138,16 @@ class ResamplerConfig:
     head_dim: int = 64
     dim: int | None = None
     """Working width; ``None`` uses the LM's hidden size."""
+    project: bool = True
+    """Project the image tokens to ``dim`` on the way in and the latents to the LM's width
+    on the way out. ``False`` (OpenFlamingo): the resampler works at the vision width with
+    neither projection, and each cross-attention block's key/value projection reads that width."""
     ff_mult: int = 4
     max_images: int = 8
     """Number of media-time embeddings, i.e. the most images per sample."""
+    media_time: bool = True
+    """Add a learned media-time embedding to each image's tokens (its place among the
+    sample's images). OpenFlamingo's released models have none (and no image limit)."""
     spatial_pos: bool = False
     """Add fixed 2-D sine-cosine position codes to the image tokens, so the latents
     know where each token sits. Conv towers (EfficientNet) carry little position on
@@ -150,6 +163,10 @@ class ResamplerConfig:
         for name in ("num_latents", "depth", "heads", "head_dim", "ff_mult", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"resampler.{name} must be >= 1, got {getattr(self, name)}")
+        if not self.project and self.dim is not None:
+            raise ValueError(
+                "resampler.dim must be None when resampler.project is false (it works at the vision width)"
+            )
 
 
 @dataclass
@@ -195,6 +212,12 @@ class VLMConfig:
     cross_attn: CrossAttnConfig = field(default_factory=CrossAttnConfig)
     image_token: str = "<image>"
     end_of_chunk_token: str = "<|endofchunk|>"
+    added_tokens: list[str] | None = None
+    """Every token added to the LM's tokenizer, in this order (new ids follow it), each with a
+    trainable embedding row. ``None``: ``[image_token, end_of_chunk_token]``. OpenFlamingo
+    adds ``<|endofchunk|>``, ``<image>`` and, to a tokenizer without a pad token, ``<PAD>``."""
+    pad_token: str | None = None
+    """The pad token of a tokenizer that has none; ``None``: its EOS token."""
     system_prompt: str | None = None
     """System message for chat-templated LMs; ``None`` keeps the template's default.
     Part of the prompt format, so it is saved with the model."""
@@ -206,7 +229,16 @@ class VLMConfig:
         self.cross_attn.validate()
         if self.image_token == self.end_of_chunk_token:
             raise ValueError("image_token and end_of_chunk_token must differ")
+        tokens = self.new_tokens()
+        if len(set(tokens)) != len(tokens) or not {self.image_token, self.end_of_chunk_token} <= set(tokens):
+            raise ValueError(
+                f"added_tokens must be distinct and include {self.image_token!r} and {self.end_of_chunk_token!r}"
+            )
         return self
+
+    def new_tokens(self) -> list[str]:
+        """The tokens added to the tokenizer, in order: :attr:`added_tokens` or the media tokens."""
+        return list(self.added_tokens) if self.added_tokens is not None else [self.image_token, self.end_of_chunk_token]
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

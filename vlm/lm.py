@@ -174,22 +174,29 @@ class OutputHead(nn.Module):
     """The frozen LM head plus scores for the added tokens.
 
     When the LM ties input and output embeddings, the added tokens' output rows are
-    their input rows; otherwise they get rows of their own.
+    their input rows; otherwise they get rows of their own. ``vocab_size`` (the config's
+    ``lm.vocab_size``) drops the scores of ids from there up (an LM's padding rows).
     """
 
-    def __init__(self, base: nn.Module, embedding: TokenEmbedding, tied: bool):
+    def __init__(self, base: nn.Module, embedding: TokenEmbedding, tied: bool, vocab_size: int | None = None):
         super().__init__()
         self.base = base
         self.embedding = [embedding]  # a reference, not a submodule: its rows are saved once
         self.tied = tied
         self.new_rows = None if tied else nn.Parameter(embedding.new_rows.detach().clone())
-        self.vocab_size = embedding.vocab_size
+        self.vocab_size = vocab_size or embedding.vocab_size
+        if int(embedding.new_ids.max()) >= self.vocab_size:
+            raise ValueError(
+                f"added token ids reach {int(embedding.new_ids.max())}, beyond vocab_size {self.vocab_size}"
+            )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base(hidden)  # (..., V_lm)
         extra = self.vocab_size - logits.shape[-1]
         if extra > 0:
             logits = nn.functional.pad(logits, (0, extra), value=torch.finfo(logits.dtype).min)
+        elif extra < 0:
+            logits = logits[..., : self.vocab_size]
         emb = self.embedding[0]
         rows = emb.new_rows if self.tied else self.new_rows
         new = hidden.to(rows.dtype) @ rows.t()  # (..., K)

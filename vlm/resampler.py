@@ -3,7 +3,8 @@
 Each image's variable number of spatial tokens is squeezed into a fixed set of
 learned latents. Unlike OpenFlamingo, which runs its perceiver at the vision width,
 we project to a (usually smaller) working width first: the resampler's cost then
-does not grow with the vision tower.
+does not grow with the vision tower. ``project=False`` (and ``media_time=False``) is
+OpenFlamingo's resampler, for its converted checkpoints (``vlm/convert.py``).
 """
 
 from __future__ import annotations
@@ -67,7 +68,8 @@ class PerceiverAttention(nn.Module):
 
 
 class PerceiverResampler(nn.Module):
-    """Image tokens ``(B, T, N, Dv)`` → latents ``(B, T, L, D_lm)`` (``L + N`` with ``pass_tokens``)."""
+    """Image tokens ``(B, T, N, Dv)`` → latents ``(B, T, L, D_lm)`` (``L + N`` with ``pass_tokens``;
+    ``Dv`` wide without ``project``)."""
 
     def __init__(
         self,
@@ -82,26 +84,34 @@ class PerceiverResampler(nn.Module):
         max_images: int,
         spatial_pos: bool = False,
         pass_tokens: bool = False,
+        project: bool = True,
+        media_time: bool = True,
     ):
         super().__init__()
+        if not project and dim != vision_dim:
+            raise ValueError(f"without projections the resampler works at the vision width {vision_dim}, not {dim}")
         self.max_images = max_images
         self.spatial_pos = spatial_pos
         self.pass_tokens = pass_tokens
-        self.proj_in = nn.Linear(vision_dim, dim)
+        self.proj_in = nn.Linear(vision_dim, dim) if project else nn.Identity()
         self.latents = nn.Parameter(torch.randn(num_latents, dim) * 0.02)
         # Media-time embeddings: where an image sits among a sample's images.
-        self.media_time = nn.Parameter(torch.randn(max_images, 1, dim) * 0.02)
+        self.media_time = nn.Parameter(torch.randn(max_images, 1, dim) * 0.02) if media_time else None
         self.layers = nn.ModuleList(
             nn.ModuleList([PerceiverAttention(dim, heads, head_dim), feed_forward(dim, ff_mult)]) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
-        self.proj_out = nn.Linear(dim, lm_dim)
+        self.proj_out = nn.Linear(dim, lm_dim) if project else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t = x.shape[:2]
-        if t > self.max_images:
-            raise ValueError(f"{t} images per sample, but the resampler has {self.max_images} media-time embeddings")
-        x = self.proj_in(x) + self.media_time[:t]  # (B, T, N, D)
+        x = self.proj_in(x)  # (B, T, N, D)
+        if self.media_time is not None:
+            if t > self.max_images:
+                raise ValueError(
+                    f"{t} images per sample, but the resampler has {self.max_images} media-time embeddings"
+                )
+            x = x + self.media_time[:t]
         if self.spatial_pos:
             x = x + sincos_2d(x.shape[2], x.shape[3]).to(x.device, x.dtype)
         x = x.flatten(0, 1)  # (B*T, N, D)

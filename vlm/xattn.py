@@ -65,22 +65,23 @@ class MediaState:
 
 
 class GatedCrossAttentionBlock(nn.Module):
-    """Text ``(B, S, D)`` attends to image latents; both sub-blocks behind tanh gates."""
+    """Text ``(B, S, D)`` attends to image latents ``(B, T, L, D_media)``; both sub-blocks
+    behind tanh gates. ``D_media`` is ``D`` unless the resampler keeps the vision width."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, ff_mult: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, ff_mult: int, media_dim: int | None = None):
         super().__init__()
         self.heads = heads
         inner = heads * head_dim
         self.norm = nn.LayerNorm(dim)
         self.to_q = nn.Linear(dim, inner, bias=False)
-        self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
+        self.to_kv = nn.Linear(media_dim or dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
         self.ff = feed_forward(dim, ff_mult)
         self.attn_gate = nn.Parameter(torch.zeros(1))
         self.ff_gate = nn.Parameter(torch.zeros(1))
 
     def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values over all latents: (B, T, L, D) → 2 × (B, H, T*L, hd)."""
+        """Keys and values over all latents: (B, T, L, D_media) → 2 × (B, H, T*L, hd)."""
         latents = latents.flatten(1, 2).to(self.to_kv.weight.dtype)
         k, v = self.to_kv(latents).chunk(2, dim=-1)
         return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (k, v))
