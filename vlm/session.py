@@ -6,11 +6,15 @@ can share one model (see ``vlm/generate.py`` for the decoding loop around it).
 
 from __future__ import annotations
 
+import copy
+from typing import TYPE_CHECKING
+
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
-from .model import VLM
-from .xattn import MediaState
+if TYPE_CHECKING:
+    from .model import VLM
 
 
 class Session:
@@ -56,18 +60,12 @@ class Session:
             mask_all = torch.cat([self.attention_mask, attention_mask.to(self.attention_mask.dtype)], dim=1)
         else:
             input_ids_all, mask_all = input_ids, attention_mask
-        if self.latents is not None and bool(
-            ((input_ids_all == self.model.image_token_id).sum(1) > self.latents.shape[1]).any()
-        ):
-            raise ValueError(f"more {self.model.config.image_token} tokens than images in this session")
-        # Left padding: positions count real tokens only.
-        positions = (mask_all.cumsum(1) - 1).clamp(min=0)
         run_ids = input_ids if self.use_cache else input_ids_all
         media = None
-        if self.latents is not None:
-            media_index = (input_ids_all == self.model.image_token_id).cumsum(1)[:, -run_ids.shape[1] :]
-            only_latest = self.model.config.cross_attn.only_latest_image
-            media = MediaState(self.latents, media_index, only_latest, kv=self.media_kv)
+        if self.latents is not None:  # checks the image markers against the images, before anything runs
+            media = self.model.media_state(self.latents, input_ids_all, last=run_ids.shape[1], kv=self.media_kv)
+        # Left padding: positions count real tokens only.
+        positions = (mask_all.cumsum(1) - 1).clamp(min=0)
         out = self.model.hidden_states(
             run_ids,
             mask_all,
@@ -134,3 +132,136 @@ class Session:
             self.cache.reorder_cache(rows)
         self.ids = self.ids[rows]
         self.attention_mask = self.attention_mask[rows]
+
+    # ------------------------------------------------------------------ rows of a running batch
+    # Continuous batching (vlm/engine.py): a request is prefilled in a session of its own,
+    # joins the running batch with :meth:`concat` and leaves it with :meth:`keep`;
+    # :meth:`trim_padding` then drops the padding that only departed rows needed.
+
+    @classmethod
+    def concat(cls, sessions: list[Session], pad_token_id: int = 0) -> Session:
+        """One session holding the rows of ``sessions`` in order (all fed, on one model, all
+        with images or all without). Shorter ones are left-padded: masked ids and zero cache
+        slots, so each row's positions (which count real tokens) and attention stay its own.
+        Images are padded to the most any row has, with zero latents and keys/values that the
+        cross-attention mask never lets a token reach (a row's ``<image>`` count bounds it)."""
+        first = sessions[0]
+        if any(s.ids is None for s in sessions):
+            raise ValueError("concat takes sessions that have been fed")
+        if any(s.model is not first.model or not s.use_cache or s.cache is None for s in sessions):
+            raise ValueError("concat takes cached sessions of one model")
+        if len({s.latents is None for s in sessions}) > 1:
+            raise ValueError("concat takes sessions that all have images or all have none")
+        if pad_token_id == first.model.image_token_id:
+            raise ValueError("the pad token must not be the image token")
+        length = max(s.length for s in sessions)
+        layers = [_plain_cache_layers(s.cache) for s in sessions]
+
+        def left(t: torch.Tensor, s: Session, dim: int, value=0) -> torch.Tensor:
+            pad = length - s.length
+            if pad == 0:
+                return t
+            shape = list(t.shape)
+            shape[dim] = pad
+            return torch.cat([t.new_full(shape, value), t], dim=dim)
+
+        merged = copy.copy(first)
+        merged.ids = torch.cat([left(s.ids, s, 1, pad_token_id) for s in sessions])
+        merged.attention_mask = torch.cat([left(s.attention_mask, s, 1) for s in sessions])
+        merged.cache = DynamicCache(
+            ddp_cache_data=[
+                (
+                    torch.cat([left(ls[j].keys, s, 2) for s, ls in zip(sessions, layers)]),
+                    torch.cat([left(ls[j].values, s, 2) for s, ls in zip(sessions, layers)]),
+                )
+                for j in range(len(layers[0]))
+            ],
+            config=first.model.lm.config,
+        )
+        if first.latents is not None:
+            if len({frozenset(s.media_kv) for s in sessions}) > 1:
+                raise ValueError("concat takes sessions that all cache their media keys/values, or none")
+            images = max(s.latents.shape[1] for s in sessions)
+
+            def more(t: torch.Tensor, dim: int, per_image: int, s: Session) -> torch.Tensor:
+                extra = (images - s.latents.shape[1]) * per_image
+                if extra == 0:
+                    return t
+                shape = list(t.shape)
+                shape[dim] = extra
+                return torch.cat([t, t.new_zeros(shape)], dim=dim)
+
+            merged.latents = torch.cat([more(s.latents, 1, 1, s) for s in sessions])  # (B, T, L, D)
+            per_image = first.latents.shape[2]
+            merged.media_kv = {
+                i: tuple(torch.cat([more(s.media_kv[i][n], 2, per_image, s) for s in sessions]) for n in (0, 1))
+                for i in first.media_kv
+            }  # 2 × (B, H, T*L, hd)
+        return merged
+
+    def trim_padding(self) -> int:
+        """Drop the leading positions that every row masks (left by rows that have gone);
+        returns how many were dropped."""
+        if self.attention_mask is None or self.cache is None:
+            return 0
+        real = self.attention_mask.bool().any(0)
+        drop = int(real.long().argmax()) if bool(real.any()) else 0
+        if drop == 0:
+            return 0
+        layers = _plain_cache_layers(self.cache)
+        self.cache = DynamicCache(
+            ddp_cache_data=[(layer.keys[:, :, drop:], layer.values[:, :, drop:]) for layer in layers],
+            config=self.model.lm.config,
+        )
+        self.ids = self.ids[:, drop:]
+        self.attention_mask = self.attention_mask[:, drop:]
+        return drop
+
+    def start_from(self, other: Session, length: int) -> None:
+        """Begin this unfed session with the first ``length`` tokens ``other`` (one row) has
+        fed, copying their LM cache instead of running them: a prompt prefix that many
+        requests share (a system prompt) runs once. Both must hold images or both none (the
+        cross-attention block runs, or not, on every token), and the prefix no ``<image>``:
+        after one, hidden states depend on the images."""
+        if self.ids is not None or other.ids is None or other.ids.shape[0] != 1 or not 0 < length <= other.length:
+            raise ValueError("start_from takes an unfed session and a prefix of a fed one-row session")
+        if (self.latents is None) != (other.latents is None) or self.cache is None or other.cache is None:
+            raise ValueError("start_from takes cached sessions that both have images or both have none")
+        if bool((other.ids[:, :length] == self.model.image_token_id).any()):
+            raise ValueError("a shared prefix must come before the first image")
+        self.cache = DynamicCache(
+            ddp_cache_data=[
+                (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
+                for layer in _plain_cache_layers(other.cache)
+            ],
+            config=self.model.lm.config,
+        )
+        self.ids = other.ids[:, :length].clone()
+        self.attention_mask = other.attention_mask[:, :length].clone()
+
+    def prefix_copy(self, length: int) -> Session:
+        """A copy of this one-row session that holds only its first ``length`` tokens (the
+        LM cache cloned, the media shared): what :meth:`start_from` starts other sessions from."""
+        if self.ids is None or self.ids.shape[0] != 1 or not 0 < length <= self.length or self.cache is None:
+            raise ValueError("prefix_copy takes a fed, cached one-row session and a length it holds")
+        other = copy.copy(self)
+        other.cache = DynamicCache(
+            ddp_cache_data=[
+                (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
+                for layer in _plain_cache_layers(self.cache)
+            ],
+            config=self.model.lm.config,
+        )
+        other.ids = self.ids[:, :length].clone()
+        other.attention_mask = self.attention_mask[:, :length].clone()
+        return other
+
+
+def _plain_cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
+    """The cache's layers when all hold every position (no sliding window, no quantisation):
+    only those can be padded and cut along the sequence."""
+    layers = list(cache.layers)
+    odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+    if odd:
+        raise ValueError(f"rows of this LM's cache ({', '.join(sorted(odd))}) cannot be batched by padding")
+    return layers

@@ -1,0 +1,231 @@
+"""The continuous batching engine (vlm/engine.py): every request gets exactly the tokens it
+gets alone, rows join and leave a running batch, cancellation, queue limits, shutdown."""
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from conftest import shape_image
+
+from vlm.engine import Engine, EngineClosed, EngineConfig, QueueFull
+from vlm.generate import GenerationConfig, generate
+from vlm.session import Session
+
+# Different lengths, 0 to 3 images, text before and after images.
+PROMPTS = [
+    ("<image>a red", ["red"]),
+    ("the cat <image>sits on <image>the", ["blue", "green"]),
+    ("what is the capital of france", []),
+    ("<image><image><image>three shapes: ", ["red", "cyan", "yellow"]),
+    ("a", []),
+    ("<image>what", ["magenta"]),
+    ("question: is there a circle? answer: yes. no. maybe. the cat sits on", []),
+    ("an emoji of <image> a smiling", ["orange"]),
+]
+REASONS = {"stop_token": "stop", "stop_string": "stop", "length": "length"}
+
+
+def _inputs(processor, k):
+    text, colours = PROMPTS[k]
+    batch = processor([text], [[shape_image(c, "square" if i % 2 else "circle") for i, c in enumerate(colours)]])
+    return batch["input_ids"], batch["images"]
+
+
+def _configs(model, processor):
+    """Greedy with and without stop tokens, seeded sampling, a stop string: one per prompt."""
+    configs = []
+    for k in range(len(PROMPTS)):
+        cfg = GenerationConfig(max_new_tokens=6 + 3 * k, stop_token_ids=() if k % 2 == 0 else None)
+        if k in (3, 6):
+            cfg = GenerationConfig(max_new_tokens=20, do_sample=True, temperature=1.5, top_p=0.9, seed=k)
+        configs.append(cfg)
+    # A stop string from the middle of prompt 2's own answer.
+    ids, images = _inputs(processor, 2)
+    text = generate(model, images, ids, config=configs[2], tokenizer=processor.tokenizer).texts[0]
+    configs[2].stop_strings = (text[len(text) // 2 : len(text) // 2 + 2],)
+    return configs
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "qwen2"])
+def test_staggered_requests_get_exactly_their_tokens_alone(trained_model, family):
+    model, processor = trained_model(family)
+    tok = processor.tokenizer
+    configs = _configs(model, processor)
+    alone = []
+    for k, cfg in enumerate(configs):
+        ids, images = _inputs(processor, k)
+        alone.append(generate(model, images, ids, config=cfg, tokenizer=tok))
+    assert alone[2].finish_reasons == ["stop_string"]
+    # Four rows at most: later requests wait, then join a batch that is mid-decode.
+    engine = Engine(model, tok, EngineConfig(max_concurrent=4, max_queued=8))
+    requests, streams, texts = [], [], []
+    with engine:
+        for k, cfg in enumerate(configs):
+            ids, images = _inputs(processor, k)
+            requests.append(engine.submit(ids, images, cfg))
+            streams.append(requests[-1].outputs(timeout=60))
+            # Staggered: the next request arrives once this one has its first token (and,
+            # for every other one, a decode step in the batch).
+            got = [next(streams[-1])]
+            if k % 2 == 0 and not got[-1].finished:
+                got.append(next(streams[-1]))
+            texts.append([out.text for out in got])
+        for events, pieces in zip(streams, texts):
+            pieces += [out.text for out in events]
+    for k, (request, reference) in enumerate(zip(requests, alone)):
+        assert request.tokens == reference.tokens[0], f"request {k}"
+        assert request.text == reference.texts[0], f"request {k}"
+        assert request.finish_reason == REASONS[reference.finish_reasons[0]], f"request {k}"
+        assert "".join(texts[k]) == request.text  # the events add up to the answer
+    # They really shared steps: fewer batched steps than rows decoded.
+    assert engine.decode_steps < sum(r.decode_steps for r in requests)
+    assert sum(engine.stats()["finished"].values()) == 8
+
+
+def test_a_shared_system_prompt_runs_once_and_answers_stay_exact(trained_model, monkeypatch):
+    model, processor = trained_model("llama")  # ChatML
+    processor = copy.copy(processor)
+    processor.system_prompt = "You are a careful assistant. Answer about the shapes, their colours and places."
+    questions = [("what colour?", ["red"]), ("hello there", []), ("and this one?", ["blue", "green"])]
+    questions += [("how many shapes", []), ("where is it", ["cyan"]), ("is it round", ["red"])]
+    inputs = []
+    for question, colours in questions:
+        batch = processor(
+            [processor.chat_segments([(question, None)], num_images=len(colours))], [[shape_image(c) for c in colours]]
+        )
+        inputs.append((batch["input_ids"], batch["images"]))
+    cfg = GenerationConfig(max_new_tokens=10, stop_token_ids=())
+    alone = [generate(model, images, ids, config=cfg).tokens[0] for ids, images in inputs]
+    fed = []
+    feed = Session.feed
+
+    def counted(self, input_ids, *args, **kwargs):
+        fed.append(input_ids.shape[1])
+        return feed(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "feed", counted)
+    with Engine(model, processor.tokenizer, EngineConfig(max_concurrent=3)) as engine:
+        requests = []
+        for ids, images in inputs:
+            requests.append(engine.submit(ids, images, cfg))
+            next(requests[-1].outputs(timeout=60))
+        for request in requests:
+            assert request.wait(60)
+    assert [r.tokens for r in requests] == alone
+    prompts = sorted(ids.shape[1] for ids, _ in inputs)
+    prefills = sorted(n for n in fed if n > 1)
+    assert sum(prefills) < sum(prompts) - 3 * 16  # most requests ran only what follows the shared part
+
+
+def test_sessions_of_different_lengths_and_images_decode_as_one_batch(trained_model):
+    model, processor = trained_model("llama")
+    with torch.inference_mode():
+        sessions, alone = [], []
+        for k in (0, 1, 3, 5):  # 1, 2, 3 and 1 images; lengths 4 to 9
+            ids, images = _inputs(processor, k)
+            a, b = Session(model, images), Session(model, images)
+            a.feed(ids), b.feed(ids)
+            sessions.append(a)
+            alone.append(b.feed(torch.tensor([[7]])))  # (1, V)
+        batch = Session.concat(sessions)
+        assert batch.latents.shape[1] == 3 and batch.attention_mask.min() == 0
+        together = batch.feed(torch.tensor([[7]] * 4))
+        torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+        # Rows leave; padding that only they needed goes.
+        longest = max(range(4), key=lambda i: sessions[i].length)
+        keep = torch.tensor([i for i in range(4) if i != longest])
+        batch.keep(keep)
+        assert batch.trim_padding() > 0 and bool(batch.attention_mask[:, 0].any())
+        again = batch.feed(torch.tensor([[9]] * 3))
+        for row, i in enumerate(keep.tolist()):
+            ids, images = _inputs(processor, [0, 1, 3, 5][i])
+            expected = Session(model, images).feed(torch.cat([ids, torch.tensor([[7, 9]])], dim=1))
+            torch.testing.assert_close(again[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+        with pytest.raises(ValueError, match="all have images or all have none"):
+            ids, _ = _inputs(processor, 2)
+            text_only = Session(model, None)
+            text_only.feed(ids)
+            Session.concat([sessions[0], text_only])
+
+
+def _long(max_new_tokens=200):
+    return GenerationConfig(max_new_tokens=max_new_tokens, stop_token_ids=())
+
+
+def test_a_cancelled_request_stops_using_decode_steps(trained_model):
+    model, processor = trained_model("llama")
+    ids, images = _inputs(processor, 0)
+    with Engine(model, processor.tokenizer) as engine:
+        request = engine.submit(ids, images, _long())
+        events = request.outputs(timeout=60)
+        for _ in range(3):
+            next(events)
+        request.cancel()
+        assert request.wait(30)
+        assert request.finish_reason == "cancelled"
+        assert request.decode_steps < 50 and len(request.tokens) < 50
+        steps = engine.decode_steps
+        time.sleep(0.2)
+        assert engine.decode_steps == steps  # nothing runs for it any more
+        assert engine.stats()["running"] == 0
+        # A request cancelled while it waits never runs.
+        waiting = Engine(model, processor.tokenizer).submit(ids, images, _long())
+        waiting.cancel()
+
+
+def test_a_full_queue_refuses_with_a_retry_estimate(trained_model):
+    model, processor = trained_model("llama")
+    ids, images = _inputs(processor, 0)
+    engine = Engine(model, processor.tokenizer, EngineConfig(max_concurrent=1, max_queued=1))
+    first = engine.submit(ids, images, _long(5))
+    second = engine.submit(ids, images, _long(5))
+    with pytest.raises(QueueFull) as full:
+        engine.submit(ids, images, _long(5))
+    assert full.value.retry_after >= 1
+    with engine:  # starting it serves the two that were taken
+        assert first.wait(60) and second.wait(60)
+    assert first.finish_reason == second.finish_reason == "length"
+
+
+def test_a_request_past_its_deadline_ends_with_timeout(trained_model):
+    model, processor = trained_model("llama")
+    ids, images = _inputs(processor, 0)
+    with Engine(model, processor.tokenizer) as engine:
+        request = engine.submit(ids, images, _long(), timeout_s=0.01)
+        assert request.wait(60)
+    assert request.finish_reason == "timeout" and len(request.tokens) < 200
+
+
+def test_shutdown_ends_in_flight_work_and_joins_its_thread(trained_model):
+    model, processor = trained_model("llama")
+    ids, images = _inputs(processor, 1)
+    engine = Engine(model, processor.tokenizer, EngineConfig(max_concurrent=2)).start()
+    requests = [engine.submit(ids, images, _long()) for _ in range(4)]  # 2 running, 2 waiting
+    next(requests[0].outputs(timeout=60))
+    engine.shutdown()
+    assert all(r.done for r in requests)
+    assert {r.finish_reason for r in requests} == {"shutdown"}
+    assert not engine.running
+    assert not [t for t in threading.enumerate() if t.name == "vlm-engine"]
+    with pytest.raises(EngineClosed):
+        engine.submit(ids, images, _long())
+    # With time to drain, requests in flight finish normally.
+    engine = Engine(model, processor.tokenizer, EngineConfig(max_concurrent=2)).start()
+    requests = [engine.submit(ids, images, _long(8)) for _ in range(3)]
+    engine.shutdown(drain_s=60)
+    assert [r.finish_reason for r in requests] == ["length"] * 3
+
+
+def test_requests_the_engine_cannot_serve_are_refused(trained_model):
+    model, processor = trained_model("llama")
+    ids, images = _inputs(processor, 1)
+    engine = Engine(model, processor.tokenizer)
+    with pytest.raises(ValueError, match="no beams"):
+        engine.submit(ids, images, GenerationConfig(num_beams=2))
+    with pytest.raises(ValueError, match="2 image markers but 1 images"):
+        engine.submit(ids, images[:, :1])
+    with pytest.raises(ValueError, match="context"):
+        engine.submit(torch.ones(1, 300, dtype=torch.long))
+    engine.shutdown()

@@ -1,0 +1,610 @@
+"""Continuous batching: concurrent requests share the model's decode steps.
+
+Requests wait in a queue; one background thread runs the model. Between two decode
+steps it admits waiting requests and removes finished ones, so a long answer never holds
+back a short one (Orca's iteration-level scheduling, Yu et al. 2022):
+
+- Admitting a request prefills it alone, as :func:`vlm.generate.generate` would: a
+  :class:`~vlm.session.Session` of its own encodes its images, computes each
+  cross-attention layer's keys/values over them once, runs the prompt and picks the first
+  token. The session then joins the running batch (:meth:`Session.concat`). A prompt
+  prefix before the first image that the previous request shared (a chat template's
+  system prompt) is copied from it instead of run again (``prefix_min_tokens``).
+- Rows of different lengths share a step by left padding: a shorter row's LM cache gets
+  masked zero slots on the left, and positions count real tokens only, so every row sees
+  the positions and keys it had alone. Images are padded to the most any row holds; the
+  cross-attention mask lets a token reach only images up to its own ``<image>`` count, so
+  padded images are never attended to.
+- Requests without images decode in a batch of their own: alone they run no
+  cross-attention block at all, while in a batch with images the block's gated
+  feed-forward would still change their tokens.
+- A row leaves at once when it finishes (stop token, stop string, ``max_new_tokens``,
+  the context limit), is cancelled (``Request.cancel``: a client that went away) or runs
+  past its deadline; padding that only departed rows needed is dropped.
+
+Each request decodes greedily or samples with its own ``torch.Generator``, so a batch
+gives every request exactly the tokens it gets alone (up to floating-point rounding in
+padded attention, which tests check does not change greedy tokens). Results arrive as
+:class:`Output` events: through a callback run on the engine thread (a web server hands
+them to its event loop) or, without one, from :meth:`Request.outputs`.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import logging
+import math
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import torch
+from transformers import DynamicCache
+
+from .generate import GenerationConfig, _first_stop_string, _held_back, _pick, _stop_ids, process_logits
+from .model import VLM
+from .session import Session
+
+__all__ = ["Engine", "EngineConfig", "EngineClosed", "Output", "QueueFull", "Request", "FINISH_REASONS"]
+
+log = logging.getLogger(__name__)
+
+FINISH_REASONS = ("stop", "length", "cancelled", "timeout", "shutdown", "error")
+"""``stop``: a stop token or stop string; ``length``: ``max_new_tokens`` or the model's
+context; ``cancelled``: :meth:`Request.cancel`; ``timeout``: past the request's deadline;
+``shutdown``: the engine stopped first; ``error``: see :attr:`Request.error`."""
+
+
+class QueueFull(RuntimeError):
+    """Every row is busy and the queue is full; ``retry_after`` (seconds) is an estimate."""
+
+    def __init__(self, message: str, retry_after: float):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class EngineClosed(RuntimeError):
+    """The engine is shutting down (or has stopped) and takes no new requests."""
+
+
+@dataclass
+class EngineConfig:
+    """Scheduling limits."""
+
+    max_concurrent: int = 8
+    """Sequences decoding together (rows of the running batch)."""
+    max_queued: int = 64
+    """Requests that may wait for a row beyond those running; one more raises :class:`QueueFull`."""
+    timeout_s: float | None = None
+    """Default limit per request, from submission to its last token (None: none)."""
+    policy: str = "continuous"
+    """``continuous``: admit between decode steps. ``static``: admit only into an empty
+    batch (a baseline for ``benchmarks/serve.py``: a batch runs until its last row ends)."""
+    batch_window_s: float = 0.05
+    """``static`` only: how long the first waiting request waits for others to fill its batch."""
+    prefix_min_tokens: int = 16
+    """Reuse the LM cache of a prompt prefix (before the first image) shared with the
+    previous request of its kind when at least this many tokens long, e.g. a chat
+    template's system prompt; 0: off, every prompt runs whole as in :func:`vlm.generate.generate`."""
+
+    def validate(self) -> EngineConfig:
+        if self.max_concurrent < 1 or self.max_queued < 0:
+            raise ValueError("max_concurrent must be >= 1 and max_queued >= 0")
+        if self.timeout_s is not None and self.timeout_s <= 0:
+            raise ValueError(f"timeout_s must be > 0 or None, got {self.timeout_s}")
+        if self.policy not in ("continuous", "static"):
+            raise ValueError(f"policy must be 'continuous' or 'static', got {self.policy!r}")
+        if self.batch_window_s < 0 or self.prefix_min_tokens < 0:
+            raise ValueError("batch_window_s and prefix_min_tokens must be >= 0")
+        return self
+
+
+@dataclass
+class Output:
+    """One event of a request: ``text`` is new text that is final (never half a character,
+    never what may still turn out to start a stop string); ``token_ids`` the new tokens.
+    The last event has ``finished`` set, with ``finish_reason`` (one of :data:`FINISH_REASONS`)."""
+
+    text: str
+    token_ids: list[int]
+    finished: bool = False
+    finish_reason: str | None = None
+    error: BaseException | None = None
+
+
+class Request:
+    """A submitted request: its progress, its result, and :meth:`cancel`. Made by
+    :meth:`Engine.submit`; the engine thread writes it, other threads read it."""
+
+    def __init__(self, request_id: str, prompt: list[int], config: GenerationConfig, deadline: float | None, listener):
+        self.id = request_id
+        self.prompt_tokens = len(prompt)
+        self.config = config
+        self.tokens: list[int] = []
+        """New tokens so far, without the stop token."""
+        self.text = ""
+        """The answer so far (final once :attr:`done`): what the :class:`Output` events carried."""
+        self.finish_reason: str | None = None
+        self.error: BaseException | None = None
+        self.decode_steps = 0
+        """Batched decode steps this request took part in (its prefill not counted)."""
+        self.submitted = time.monotonic()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self._deadline = deadline
+        self._listener: Callable[[Output], None] | None = listener
+        self._events: queue.SimpleQueue[Output] | None = None if listener is not None else queue.SimpleQueue()
+        self._done = threading.Event()
+        self._cancelled = threading.Event()
+        self._engine: Engine | None = None
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    @property
+    def completion_tokens(self) -> int:
+        return len(self.tokens)
+
+    def cancel(self) -> None:
+        """Stop this request: it leaves the queue or the batch before the next decode step
+        (no more steps are spent on it) and finishes with ``cancelled``. Safe from any
+        thread, and a no-op once it is done."""
+        self._cancelled.set()
+        if self._engine is not None:
+            self._engine._wake()
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """Block until done (True) or ``timeout`` seconds pass (False)."""
+        return self._done.wait(timeout)
+
+    def outputs(self, timeout: float | None = None) -> Iterator[Output]:
+        """The events as they come (only for requests submitted without a listener)."""
+        if self._events is None:
+            raise RuntimeError("this request's events go to its listener")
+        while True:
+            out = self._events.get(timeout=timeout)
+            yield out
+            if out.finished:
+                return
+
+    def _emit(self, out: Output) -> None:
+        if out.finished:
+            self.finish_reason, self.error = out.finish_reason, out.error
+            self.finished_at = time.monotonic()
+        try:
+            if self._listener is not None:
+                self._listener(out)
+            else:
+                self._events.put(out)
+        except Exception:  # a listener's bug must not stop the engine
+            log.exception("request %s: its listener failed", self.id)
+        if out.finished:
+            self._done.set()
+
+
+@dataclass(eq=False)
+class _Row:
+    """A running request with its decoding state."""
+
+    request: Request
+    stops: set[int]
+    generator: torch.Generator | None
+    limit: int
+    """max_new_tokens, lowered to what the model's context leaves."""
+    sent: int = 0
+    """Characters of ``text`` already given out."""
+    text: str = ""
+
+
+@dataclass
+class _Batch:
+    """Rows decoding together and the session holding them (one row each)."""
+
+    rows: list[_Row] = field(default_factory=list)
+    session: Session | None = None
+
+
+class Engine:
+    """Runs ``model`` for many requests at once in one background thread.
+
+    Use it as a context manager, or call :meth:`start` and :meth:`shutdown`. The model
+    must not be used by another thread while the engine runs (tensors are shared, and
+    torch's own threads are configured per process).
+    """
+
+    def __init__(self, model: VLM, tokenizer, config: EngineConfig | None = None):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.config = (config or EngineConfig()).validate()
+        self.device = next(model.parameters()).device
+        lm = model.lm.config
+        self.max_context: int | None = getattr(lm, "max_position_embeddings", None) or getattr(lm, "n_positions", None)
+        self.pad_token_id = 0 if model.image_token_id != 0 else 1
+        self.max_rows = self.config.max_concurrent
+        layers = {type(layer).__name__ for layer in DynamicCache(config=lm).layers}
+        if layers - {"DynamicLayer"}:
+            # A sliding-window (or otherwise partial) cache cannot be left-padded: one row at a time.
+            log.warning(
+                "%s's KV cache (%s) cannot batch rows; serving one request at a time",
+                type(model.lm).__name__,
+                ", ".join(sorted(layers)),
+            )
+            self.max_rows = 1
+        self._base_stops = _stop_ids(model, tokenizer, GenerationConfig())
+        self._cond = threading.Condition()
+        self._waiting: collections.deque[Request] = collections.deque()
+        self._batches = {False: _Batch(), True: _Batch()}  # by "has images"
+        self._admitting: collections.deque[Request] = collections.deque()
+        self._prefixes: dict[bool, Session] = {}  # by "has images": the last shared prompt prefix
+        self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._closing = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._ids = itertools.count()
+        self._running = 0
+        self.decode_steps = 0
+        """Batched decode steps run so far (one per batch and step)."""
+        self.finished = collections.Counter()
+        """Finished requests by reason."""
+        self._latency = 1.0  # running mean of seconds per request, for Retry-After
+
+    # ------------------------------------------------------------------ public
+
+    def start(self) -> Engine:
+        with self._cond:
+            if self._thread is not None:
+                raise RuntimeError("the engine is already started")
+            if self._closing:
+                raise EngineClosed("the engine was shut down")
+            self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def __enter__(self) -> Engine:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def submit(
+        self,
+        input_ids: torch.Tensor | list[int],
+        images: torch.Tensor | None = None,
+        config: GenerationConfig | None = None,
+        timeout_s: float | None = None,
+        listener: Callable[[Output], None] | None = None,
+        request_id: str | None = None,
+    ) -> Request:
+        """Queue a request: ``input_ids`` (S,) or (1, S) as the processor makes them,
+        ``images`` (T, C, H, W) or (1, T, C, H, W) for its ``<image>`` markers, or None.
+
+        ``config``: greedy or sampling (``temperature``, ``top_k``, ``top_p``, ``seed``),
+        ``max_new_tokens``, ``stop_token_ids``, ``stop_strings``; not beams, prompt lookup or
+        a repetition penalty. ``listener`` is called on the engine thread with each
+        :class:`Output` (keep it short; hand work to another thread). Raises
+        :class:`QueueFull`, :class:`EngineClosed` or ``ValueError``."""
+        cfg = GenerationConfig(**(config.__dict__ if config else {})).validate()
+        if cfg.num_beams != 1 or cfg.prompt_lookup or cfg.repetition_penalty != 1.0:
+            raise ValueError("the engine decodes greedily or by sampling: no beams, prompt lookup or penalty")
+        ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
+        if ids.numel() == 0:
+            raise ValueError("the prompt is empty")
+        if images is not None:
+            images = images if images.ndim == 5 else images[None]
+            if images.ndim != 5 or images.shape[0] != 1:
+                raise ValueError(f"images must be (T, C, H, W) or (1, T, C, H, W), got {tuple(images.shape)}")
+            if images.shape[1] == 0:
+                images = None
+        markers = int((ids == self.model.image_token_id).sum())
+        if markers != (0 if images is None else images.shape[1]):
+            raise ValueError(
+                f"the prompt has {markers} image markers but {0 if images is None else images.shape[1]} images"
+            )
+        if self.max_context is not None and ids.numel() >= self.max_context:
+            raise ValueError(f"the prompt has {ids.numel()} tokens; the model's context is {self.max_context}")
+        timeout_s = timeout_s if timeout_s is not None else self.config.timeout_s
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        request = Request(request_id or f"req-{next(self._ids)}", ids.tolist(), cfg, deadline, listener)
+        with self._cond:
+            if self._closing:
+                raise EngineClosed("the engine is shutting down")
+            busy = self._running + len(self._waiting)
+            if busy >= self.config.max_concurrent + self.config.max_queued:
+                waves = (len(self._waiting) + 1) / self.config.max_concurrent
+                retry = min(60.0, max(1.0, math.ceil(self._latency * waves)))
+                raise QueueFull(
+                    f"{self._running} requests running and {len(self._waiting)} waiting (limit "
+                    f"{self.config.max_concurrent} + {self.config.max_queued})",
+                    retry,
+                )
+            request._engine = self
+            self._inputs[request.id] = (ids[None], images)
+            self._waiting.append(request)
+            self._cond.notify_all()
+        return request
+
+    def stats(self) -> dict:
+        """What the engine is doing now, for health checks and tests."""
+        with self._cond:
+            return {
+                "running": self._running,
+                "waiting": len(self._waiting),
+                "decode_steps": self.decode_steps,
+                "finished": dict(self.finished),
+                "max_concurrent": self.config.max_concurrent,
+                "max_queued": self.config.max_queued,
+                "accepting": not self._closing,
+            }
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def shutdown(self, drain_s: float = 0.0) -> None:
+        """Take no new requests; let those in flight finish for up to ``drain_s`` seconds,
+        then end the rest (``shutdown``) and stop the thread. Idempotent."""
+        with self._cond:
+            self._closing = True
+            deadline = time.monotonic() + drain_s
+            while self._thread is not None and (self._waiting or self._running):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._cond.wait(left)
+            self._stop = True
+            self._cond.notify_all()
+            thread = self._thread
+        if thread is not None:
+            thread.join()
+        else:  # never started: nothing ran, end what waits
+            self._end_waiting("shutdown")
+
+    # ------------------------------------------------------------------ the engine thread
+
+    def _wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+    def _loop(self) -> None:
+        try:
+            with torch.inference_mode():
+                while True:
+                    admit = self._next_admissions()
+                    if admit is None:
+                        break
+                    self._admitting.extend(admit)
+                    self._expire()
+                    while self._admitting:
+                        self._admit(self._admitting[0])
+                        self._admitting.popleft()
+                    for has_images in (False, True):
+                        if self._batches[has_images].rows:
+                            self._step(self._batches[has_images])
+        except BaseException:  # noqa: B036 - logged, then every request is ended below
+            log.exception("the engine thread failed")
+        finally:
+            for request in self._admitting:  # taken from the queue, not yet in a batch
+                self._finish(_Row(request, set(), None, 0), "shutdown")
+            self._admitting.clear()
+            for batch in self._batches.values():
+                for row in list(batch.rows):
+                    self._finish(row, "shutdown")
+                batch.rows.clear()
+                batch.session = None
+            with self._cond:
+                self._closing = True
+            self._end_waiting("shutdown")
+
+    def _next_admissions(self) -> list[Request] | None:
+        """Requests to prefill before the next step; None when the engine should stop."""
+        with self._cond:
+            while True:
+                if self._stop:
+                    return None
+                self._drop_cancelled_waiting()
+                free = self.max_rows - self._running
+                if self.config.policy == "static" and self._running:
+                    free = 0
+                if self._waiting and free > 0 and self.config.policy == "static" and len(self._waiting) < free:
+                    wait = self._waiting[0].submitted + self.config.batch_window_s - time.monotonic()
+                    if wait > 0:  # a static batch waits a moment for more requests to fill it
+                        self._cond.wait(wait)
+                        continue
+                admit = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+                self._running += len(admit)
+                if admit or self._running:
+                    return admit
+                self._cond.wait()
+
+    def _drop_cancelled_waiting(self) -> None:
+        now = time.monotonic()
+        for request in list(self._waiting):
+            reason = "cancelled" if request._cancelled.is_set() else None
+            if reason is None and request._deadline is not None and now > request._deadline:
+                reason = "timeout"
+            if reason:
+                self._waiting.remove(request)
+                self._inputs.pop(request.id, None)
+                self._count(request, reason)
+                request._emit(Output("", [], True, reason))
+
+    def _end_waiting(self, reason: str) -> None:
+        with self._cond:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self._inputs.clear()
+        for request in waiting:
+            self._count(request, reason)
+            request._emit(Output("", [], True, reason))
+
+    def _count(self, request: Request, reason: str) -> None:
+        with self._cond:
+            self.finished[reason] += 1
+            seconds = time.monotonic() - request.submitted
+            self._latency = 0.8 * self._latency + 0.2 * seconds
+            self._cond.notify_all()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for batch in self._batches.values():
+            gone = []
+            for row in batch.rows:
+                request = row.request
+                if request._cancelled.is_set():
+                    gone.append((row, "cancelled"))
+                elif request._deadline is not None and now > request._deadline:
+                    gone.append((row, "timeout"))
+            for row, reason in gone:
+                self._finish(row, reason)
+            if gone:
+                self._drop(batch, [row for row, _ in gone])
+
+    def _admit(self, request: Request) -> None:
+        with self._cond:
+            input_ids, images = self._inputs.pop(request.id)
+        cfg = request.config
+        row = _Row(request, self._stops(cfg), self._generator(cfg), self._limit(request))
+        if request._cancelled.is_set():
+            self._finish(row, "cancelled")
+            return
+        try:
+            session, logits = self._prefill(input_ids.to(self.device), images)
+            token = int(_pick(process_logits(logits, None, cfg), cfg, row.generator)[0])
+        except Exception as e:  # this request's problem (a bad input): the others go on
+            log.exception("request %s: prefill failed", request.id)
+            self._finish(row, "error", e)
+            return
+        if self._advance(row, token):
+            return
+        batch = self._batches[images is not None]
+        try:
+            merged = session if batch.session is None else Session.concat([batch.session, session], self.pad_token_id)
+        except Exception as e:
+            log.exception("request %s: cannot join the running batch", request.id)
+            self._finish(row, "error", e)
+            return
+        batch.rows.append(row)
+        batch.session = merged
+
+    def _prefill(self, ids: torch.Tensor, images: torch.Tensor | None) -> tuple[Session, torch.Tensor]:
+        """A session of its own for one request, its prompt ``ids`` (1, S) run; returns it and
+        the next-token logits (1, V). The part of the prompt before its first image that the
+        previous request of its kind shared (a system prompt) is copied, not run again."""
+        session = Session(self.model, images.to(self.device) if images is not None else None)
+        kind = images is not None
+        # Tokens whose hidden states do not depend on the images: those before the first one.
+        markers = (ids[0] == self.model.image_token_id).nonzero()
+        shareable = int(markers[0, 0]) if len(markers) else ids.shape[1] - 1
+        start = 0
+        cached = self._prefixes.get(kind)
+        if self.config.prefix_min_tokens and cached is not None and shareable >= self.config.prefix_min_tokens:
+            n = min(shareable, cached.length)
+            start = int((cached.ids[0, :n] == ids[0, :n]).long().cumprod(0).sum())
+            if start >= self.config.prefix_min_tokens:
+                session.start_from(cached, start)
+            else:
+                start = 0
+        logits = session.feed(ids[:, start:])  # (1, V)
+        if self.config.prefix_min_tokens and start < shareable and shareable >= self.config.prefix_min_tokens:
+            self._prefixes[kind] = session.prefix_copy(shareable)  # the newest prefix wins
+        return session, logits
+
+    def _step(self, batch: _Batch) -> None:
+        rows = batch.rows
+        fed = torch.tensor([[row.request.tokens[-1]] for row in rows], device=self.device)  # (B, 1)
+        try:
+            logits = batch.session.feed(fed)  # (B, V)
+        except Exception as e:
+            log.exception("a decode step failed; ending its %d requests", len(rows))
+            for row in list(rows):
+                self._finish(row, "error", e)
+            self._drop(batch, list(rows))
+            return
+        with self._cond:
+            self.decode_steps += 1
+        greedy = logits.float().argmax(-1).tolist()
+        finished = []
+        for i, row in enumerate(rows):
+            row.request.decode_steps += 1
+            cfg = row.request.config
+            if cfg.do_sample:
+                token = int(_pick(process_logits(logits[i : i + 1], None, cfg), cfg, row.generator)[0])
+            else:
+                token = greedy[i]
+            if self._advance(row, token):
+                finished.append(row)
+        if finished:
+            self._drop(batch, finished)
+
+    def _advance(self, row: _Row, token: int) -> bool:
+        """Take the row's next token; returns whether the row is finished."""
+        request = row.request
+        if request.first_token_at is None:
+            request.first_token_at = time.monotonic()
+        if token in row.stops:
+            self._finish(row, "stop")
+            return True
+        request.tokens.append(token)
+        stops = request.config.stop_strings
+        text = self.tokenizer.decode(request.tokens, skip_special_tokens=True)
+        cut = _first_stop_string(text, stops)
+        if cut >= 0:
+            row.text = text[:cut]
+            self._finish(row, "stop", new=[token])
+            return True
+        row.text = text
+        if len(request.tokens) >= row.limit:
+            self._finish(row, "length", new=[token])
+            return True
+        piece = ""
+        if not text.endswith("\ufffd"):  # a multi-byte character still incomplete: wait for it
+            safe = len(text) - _held_back(text, stops)
+            if safe > row.sent:
+                piece, row.sent = text[row.sent : safe], safe
+        request.text = text[: row.sent]
+        request._emit(Output(piece, [token]))
+        return False
+
+    def _finish(self, row: _Row, reason: str, error: BaseException | None = None, new: list[int] | None = None) -> None:
+        request = row.request
+        if request.finish_reason is not None:  # already ended (the thread failing midway)
+            return
+        rest = row.text[row.sent :] if reason in ("stop", "length") else ""
+        request.text = row.text if reason in ("stop", "length") else row.text[: row.sent]
+        row.sent = len(row.text)
+        with self._cond:
+            self._running -= 1
+        self._count(request, reason)
+        request._emit(Output(rest, new or [], True, reason, error))
+
+    def _drop(self, batch: _Batch, rows: list[_Row]) -> None:
+        leaving = {id(row) for row in rows}
+        keep = [i for i, row in enumerate(batch.rows) if id(row) not in leaving]
+        batch.rows = [batch.rows[i] for i in keep]
+        if not keep:
+            batch.session = None
+        else:
+            batch.session.keep(torch.tensor(keep, device=self.device))
+            batch.session.trim_padding()
+
+    # ------------------------------------------------------------------ per request settings
+
+    def _stops(self, cfg: GenerationConfig) -> set[int]:
+        return set(cfg.stop_token_ids) if cfg.stop_token_ids is not None else self._base_stops
+
+    def _generator(self, cfg: GenerationConfig) -> torch.Generator | None:
+        if not cfg.do_sample:
+            return None
+        seed = cfg.seed if cfg.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def _limit(self, request: Request) -> int:
+        limit = request.config.max_new_tokens
+        if self.max_context is not None:
+            limit = min(limit, self.max_context - request.prompt_tokens)
+        return max(limit, 1)
