@@ -15,11 +15,11 @@ export HF_HUB_OFFLINE=1
 for arm in ${arms[@]}; do
   run="$HOME/.cache/vlm/runs/abl-$arm"
   if [ ! -f "$run/eval/markup.json" ]; then
-    "$bin/vlm-train" --preset experiments/sketch-ablation.json --model.preset "$home/$arm/init" \
+    "$bin/vlm" train --preset experiments/sketch-ablation.json --model.preset "$home/$arm/init" \
       --checkpoint.dir "$run" --steps "$steps"
     "$bin/python" -c "from vlm_train.checkpoint import export_latest; export_latest('$run', '$run/export')"
     mkdir -p "$run/eval"
-    "$bin/vlm-eval" --model "$run/export" --task sketch --limit 100 --batch-size 16 \
+    "$bin/vlm" eval --model "$run/export" --task sketch --limit 100 --batch_size 16 \
       --out "$run/eval/sketch.json" --predictions "$run/eval/sketch.jsonl"
     "$bin/python" experiments/sketch_arms.py markup "$run/export" --limit 100 > "$run/eval/markup.tmp"
     mv "$run/eval/markup.tmp" "$run/eval/markup.json"

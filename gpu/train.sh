@@ -3,7 +3,7 @@
 # the `default` recipe's first stage (`--preset default:gpu`) within ${LIMIT:-560} s of
 # this call in all, and put the adapter (bf16, in 15-MB pieces: cat
 # model.safetensors.part-* > model.safetensors), its config and the run's metrics into
-# $OUT. Arguments go to vlm-train; without any, a time budget is set from what is left of
+# $OUT. Arguments go to vlm train; without any, a time budget is set from what is left of
 # LIMIT (e.g. pass --steps 1523 --time_budget_s null to repeat the bundled run).
 set -uo pipefail
 t0=$(date +%s)
@@ -31,13 +31,13 @@ log "unpacked"
 d=data/shards; rm -rf $d
 n=$(nproc)
 ( set -e; data="python3 -m vlm_train.data"
-  $data sketch --split train --count 12000 --out $d/sketch-train --shard-size 2000 --workers $(( n / 2 ))
+  $data sketch --split train --count 12000 --out $d/sketch-train --shard_size 2000 --workers $(( n / 2 ))
 ) > $p/data1.log 2>&1 & pid1=$!
 ( set -e; data="python3 -m vlm_train.data"
-  $data shapes --split train --count 6000 --kind qa --out $d/shapes-train --shard-size 4000 --workers $(( n / 4 ))
-  $data easy-vqa --split train --out $d/easy-vqa-train --shard-size 2000
-  $data easy-vqa --split test --out $d/easy-vqa-test --shard-size 2000
-  $data emoji --split train --kind caption --out $d/emoji-train --shard-size 2000
+  $data shapes --split train --count 6000 --kind qa --out $d/shapes-train --shard_size 4000 --workers $(( n / 4 ))
+  $data easy-vqa --split train --out $d/easy-vqa-train --shard_size 2000
+  $data easy-vqa --split test --out $d/easy-vqa-test --shard_size 2000
+  $data emoji --split train --kind caption --out $d/emoji-train --shard_size 2000
 ) > $p/data2.log 2>&1 & pid2=$!
 lm=$(python3 -c "from vlm.registry import smollm2_folder; print(smollm2_folder())" 2>$p/lm.log | tail -n 1)
 [ -f "$lm/model.safetensors" ] || { cat $p/lm.log; exit 7; }
@@ -52,10 +52,10 @@ args=("$@")
 if [ ${#args[@]} -eq 0 ]; then
   args=(--time_budget_s $(( limit - ($(date +%s) - t0) - 55 )))
 fi
-log "vlm-train --preset default:gpu ${args[*]}"
+log "vlm train --preset default:gpu ${args[*]}"
 timeout -k 5 $(( limit - ($(date +%s) - t0) - 25 )) python3 -m vlm_train.train --preset default:gpu \
   --checkpoint.dir /tmp/run "${args[@]}" > "$out/train.log" 2>&1
-log "vlm-train exited with $?"
+log "vlm train exited with $?"
 tr '\r' '\n' < "$out/train.log" | grep -a "time budget\|^step\|^done\|Error" | tail -n 12
 python3 -c 'import sys; from vlm_train.checkpoint import export_latest
 print("exported", export_latest(sys.argv[1], sys.argv[2]))' /tmp/run /tmp/export || exit 10

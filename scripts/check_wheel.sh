@@ -3,7 +3,7 @@
 # fresh virtual environment (no system site-packages) that already holds torch and another
 # allowed transformers (by default the declared lower bound, 5.17.0), then load the bundled
 # model and answer a question about a demo image. Fails when the wheel holds a top-level
-# package other than vlm and vlm_train, when installing it replaces that transformers, or when it pulls
+# package other than vlm, vlm_train and vlm_serve, when installing it replaces that transformers, or when it pulls
 # a package of the extras (streamlit, tensorboard, webdataset, ...). Then (unless
 # VLM_CHECK_LOWEST=0) it moves every core dependency to exactly its declared lower bound and
 # asks again, so the lower bounds in pyproject.toml are tested ones.
@@ -50,7 +50,7 @@ import sys, zipfile
 names = zipfile.ZipFile(sys.argv[1]).namelist()
 top = sorted({n.split("/")[0] for n in names})
 print("wheel:", sys.argv[1].rsplit("/", 1)[-1], f"({len(names)} files), top level:", " ".join(top))
-assert [t for t in top if not t.endswith(".dist-info")] == ["vlm", "vlm_train"], top
+assert [t for t in top if not t.endswith(".dist-info")] == ["vlm", "vlm_serve", "vlm_train"], top
 scripts = [line for n in names if n.endswith("entry_points.txt") for line in zipfile.ZipFile(sys.argv[1]).read(n).decode().splitlines()]
 print("entry points:", "; ".join(s for s in scripts if "=" in s))
 EOF
@@ -72,6 +72,15 @@ for name in unwanted:
 assert not present, f"the library install pulled extras' packages: {present}"
 print("kept transformers", version("transformers"), "with torch", version("torch"), "; none of:", ", ".join(unwanted))
 EOF
+# The one command: its help and the chat command's answer without the extras; a command
+# that needs one names it.
+"$work/venv/bin/vlm" --help >/dev/null
+"$work/venv/bin/vlm" chat --help >/dev/null
+if "$work/venv/bin/vlm" train --help >"$work/train-help.txt" 2>&1 \
+  || ! grep -q "pip install 'vlm\[train\]'" "$work/train-help.txt"; then
+  cat "$work/train-help.txt"; echo "vlm train without the train extra must say: pip install 'vlm[train]'"; exit 1
+fi
+echo "vlm: commands answer; vlm train says: $(tail -n 1 "$work/train-help.txt")"
 "$work/venv/bin/python" -m pip list --disable-pip-version-check 2>/dev/null | grep -v "^nvidia-\|^cuda-" > "$work/pip-list.txt"
 
 log "load the bundled model and ask"

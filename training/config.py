@@ -1,23 +1,125 @@
-"""Typed training configuration, named presets and recipes (``training/presets/*.json``) and
-command-line overrides of any field: ``--optim.lr 1e-4``, ``--data.batch_size 16``,
-``--data.sources '[{"shards": "shards/evqa", "kind": "qa"}]'``."""
+"""Typed training configuration, named presets and recipes (``training/presets/*.json``),
+command-line overrides of any field (``--optim.lr 1e-4``, ``--data.batch_size 16``,
+``--data.sources '[{"shards": "shards/evqa", "kind": "qa"}]'``) and the trainer's command
+line, ``vlm train`` (:func:`main`).
+
+Every field is documented by the string literal after it (an attribute docstring):
+``vlm train --help`` lists them, generated from these dataclasses by jsonargparse. This
+module imports neither torch nor the data pipeline, so that help and ``--print_config``
+answer at once; training itself starts in :mod:`vlm_train.train`.
+"""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import re
+import sys
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .data.loader import LoaderConfig, SourceConfig
+from vlm.images import DEFAULT_MAX_PIXELS
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
 
 @dataclass
+class SourceConfig:
+    """One shard set in the mixture."""
+
+    shards: str
+    """Brace pattern (``data/caps-{000000..000009}.tar``), folder of ``.tar`` files, or one file."""
+    kind: str
+    """Sample format: caption, qa, interleaved or sketch."""
+    weight: float = 1.0
+    """Relative sampling weight in the mixture."""
+    select: str | None = None
+    """Keep only samples whose text members (``.json``, ``.txt``, ``.html``) match this
+    regular expression, case-insensitive: ``"colou?r|red|teal"`` picks easy-VQA's colour
+    questions. Samples left out are not counted as skipped."""
+    max_tokens: int = 2048
+    """Most tokens of one sample, image markers included. A longer sample keeps its start
+    and loses the end of its trained text (counted as ``truncated``); one whose untrained
+    prompt leaves no trained token within the cap is skipped (``too long``). 2048 holds any
+    caption, question or compact page here and bounds a batch, which pads to its longest
+    sample; lower it for an LM with a shorter context."""
+
+    def validate(self) -> None:
+        from .data.shards import FORMATS  # here, not at the top: the shard code needs webdataset
+
+        if self.kind not in FORMATS:
+            raise ValueError(f"source {self.shards}: kind must be one of {FORMATS}, got {self.kind!r}")
+        if self.weight <= 0:
+            raise ValueError(f"source {self.shards}: weight must be > 0, got {self.weight}")
+        if self.max_tokens < 1:
+            raise ValueError(f"source {self.shards}: max_tokens must be >= 1, got {self.max_tokens}")
+        if self.select is not None:
+            try:
+                re.compile(self.select)
+            except re.error as e:
+                raise ValueError(f"source {self.shards}: select is not a regular expression: {e}") from None
+
+
+@dataclass
+class LoaderConfig:
+    """Streaming batches from webdataset shards (:mod:`vlm_train.data.loader`)."""
+
+    sources: list[SourceConfig] = field(default_factory=list)
+    """The shard sets of the mixture, as a JSON list of objects with the fields ``shards``,
+    ``kind``, ``weight``, ``select`` and ``max_tokens``:
+    ``'[{"shards": "data/shards/easy-vqa-train", "kind": "qa"}]'``."""
+    batch_size: int = 8
+    """Samples per batch on each rank (a step takes ``grad_accum`` of them)."""
+    num_workers: int = 2
+    """DataLoader worker processes per rank that decode and tokenise (0: in the main process)."""
+    shuffle_buffer: int = 1000
+    """Samples held for shuffling per source and worker (0: no shuffling)."""
+    resampled: bool = False
+    """Draw shards with replacement, endlessly; an epoch is then ``epoch_batches`` long."""
+    epoch_batches: int | None = None
+    """Batches per rank in an epoch (required when resampled; optional cap otherwise)."""
+    mix: str = "batch"
+    """``batch``: each batch comes from one source, drawn by weight (no padding of short
+    question-answer samples up to long HTML pages); ``sample``: sources mix within a batch."""
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Images with more pixels than this are refused (counted as skipped), before decoding."""
+    drop_last: bool = True
+    """Drop the last, smaller batch of an epoch instead of yielding it."""
+    seed: int = 0
+    """Seed of the shard order, the shuffling and the mixture draws."""
+    prefix_cache_dir: str | None = None
+    """Where the trainer's prefix cache files go (``--prefix_cache``); by default beside
+    each shard. Set it when the shard folders are read-only."""
+    barren_shards: int = 16
+    """Resampled mode: a source whose last ``barren_shards`` distinct shards in a row (all its
+    shards, when it has fewer) gave no usable sample is dropped from the mixture with a
+    warning that names it and why; with no source left the loader raises. Drawing from it
+    would otherwise go on forever. With replacement, a source whose shards are half bad
+    gives 16 bad ones in a row about once in 65,000 draws: raise it for such a source."""
+
+    def validate(self) -> None:
+        if not self.sources:
+            raise ValueError("the data config has no sources")
+        for s in self.sources:
+            s.validate()
+        if self.batch_size < 1 or self.num_workers < 0:
+            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
+        if self.mix not in ("batch", "sample"):
+            raise ValueError(f"mix must be 'batch' or 'sample', got {self.mix!r}")
+        if self.resampled and not self.epoch_batches:
+            raise ValueError("resampled mode needs epoch_batches")
+        if self.barren_shards < 1:
+            raise ValueError(f"barren_shards must be >= 1, got {self.barren_shards}")
+
+
+@dataclass
 class ModelConfig:
+    """The model to train."""
+
     preset: str = "default"
     """A ``vlm`` architecture preset name, or a path to a VLM config/checkpoint folder."""
     init_from: str | None = None
@@ -26,21 +128,30 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
+    """AdamW with linear warm-up and a cosine schedule."""
+
     lr: float = 1e-4
+    """Peak learning rate, reached after ``warmup_steps``."""
     weight_decay: float = 0.01
+    """AdamW weight decay, for weight matrices only (not gates, latents, norms or biases)."""
     betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW's beta1 and beta2: ``'[0.9, 0.95]'``."""
     gate_lr_mult: float = 10.0
     """The tanh gates learn this much faster (they start at 0 and gate everything)."""
     warmup_steps: int = 100
+    """Steps of linear warm-up from ``lr / warmup_steps`` to ``lr``."""
     min_lr_ratio: float = 0.1
     """The cosine schedule ends at ``lr * min_lr_ratio``."""
     grad_clip: float = 1.0
+    """Clip the gradient's global norm to this."""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
 
 
 @dataclass
 class ParallelConfig:
+    """How the run spreads over processes (launched with torchrun)."""
+
     strategy: str = "auto"
     """``none``, ``ddp``, ``fsdp`` (FSDP2 ``fully_shard``), or ``auto`` (ddp when launched
     with more than one process, else none)."""
@@ -50,28 +161,46 @@ class ParallelConfig:
 
 @dataclass
 class CheckpointConfig:
+    """Where and how often the run saves itself, and what it resumes from."""
+
     dir: str = "runs/default"
+    """The run's folder: checkpoints (``step-XXXXXX``), ``metrics.jsonl`` and tensorboard logs."""
     every: int = 500
+    """Save a checkpoint every this many steps (and at the last step)."""
     keep: int = 3
+    """Keep only the newest this many checkpoints."""
     resume: str | None = "auto"
     """``auto`` (newest complete checkpoint in ``dir``, if any), a checkpoint path, or null."""
 
 
 @dataclass
 class EvalConfig:
+    """Held-out loss during training."""
+
     data: LoaderConfig | None = None
+    """The held-out data, a loader config as ``data`` (null: no evaluation)."""
     every: int = 500
+    """Evaluate every this many steps (and at the last step)."""
     max_batches: int = 50
+    """Batches per evaluation."""
 
 
 @dataclass
 class TrainConfig:
+    """A training run: its model, data, optimiser, parallelism, checkpoints and evaluation."""
+
     model: ModelConfig = field(default_factory=ModelConfig)
+    """The model to train."""
     data: LoaderConfig = field(default_factory=LoaderConfig)
+    """The training data."""
     optim: OptimConfig = field(default_factory=OptimConfig)
+    """The optimiser and its schedule."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Data parallelism and activation checkpointing."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Checkpoints and resuming."""
     eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out evaluation."""
     steps: int = 1000
     """Optimiser steps; the learning-rate schedule spans them."""
     stop_at: int | None = None
@@ -88,6 +217,8 @@ class TrainConfig:
     """``fp32``; ``bf16`` (bf16 autocast, trainable weights in fp32); ``bf16-frozen``
     (as bf16, and the frozen backbones stored in bf16 too: less memory, faster on CPU)."""
     device: str = "auto"
+    """``auto`` (CUDA when available, else CPU), ``cuda`` or ``cpu``; each rank of a
+    torchrun launch takes the GPU of its local rank."""
     prefix_cache: str = "auto"
     """Cache the frozen LM's hidden states below the first cross-attention layer (a fixed
     function of each training text), built before training beside the shards (or in
@@ -96,8 +227,11 @@ class TrainConfig:
     not from layer 0, and a run longer than one epoch of its data), otherwise off with the
     reason printed; ``on``; ``off``."""
     seed: int = 0
+    """Seed of torch's random numbers (the adapter's initialisation)."""
     log_every: int = 10
+    """Log the loss and learning rate every this many steps (``metrics.jsonl``, tensorboard)."""
     tensorboard: bool = True
+    """Also write tensorboard logs into ``checkpoint.dir``."""
     debug_nan_steps: list[int] = field(default_factory=list)
     """Testing aid: make the loss NaN at these steps to exercise the guard."""
 
@@ -251,4 +385,105 @@ def _merge(base: dict, update: dict) -> dict:
     return out
 
 
-__all__ = ["TrainConfig", "SourceConfig", "LoaderConfig", "resolve", "from_dict", "apply_overrides"]
+# ---------------------------------------------------------------------- command line
+
+PROG = "vlm train"
+USAGE = f"{PROG} [-h] [--preset NAME|FILE] [--print_config] [--SECTION.FIELD VALUE ...]"
+DESCRIPTION = """\
+Train a model: one command from a laptop CPU to many GPUs. The config is the defaults,
+then the preset, then each --SECTION.FIELD VALUE (or --FIELD VALUE) in order. A VALUE is
+read as JSON where it parses as JSON (1e-4, true, null, '[0.9, 0.99]', '{"preset": "x"}'),
+else as a string (a path, a name). Any spelling with dashes works too (--print-config)."""
+EPILOG = """\
+examples:
+  vlm train --preset tiny --steps 200
+  vlm train --preset default:colour --checkpoint.dir runs/mine     # resumes by itself
+  vlm train --preset mine.json --optim.lr 2e-4 --data.sources '[{"shards": "shards/x", "kind": "qa"}]'
+  vlm train --preset tiny --print_config
+  torchrun --nproc_per_node 2 -m vlm_train.train --preset tiny --parallel.strategy fsdp
+
+A preset is a JSON file of fields (any subset); "extends": "other" starts from another
+preset. A recipe (training/presets/default.json) lists stages: --preset default:STAGE."""
+
+
+def parse_args(argv: Sequence[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    """``vlm train``'s own options (``help``, ``preset``, ``print_config``) and the rest: the
+    ``--section.field value`` overrides, for :func:`resolve`. Dashes in option names are
+    read as underscores."""
+    from vlm.cli import underscore_options
+
+    parser = argparse.ArgumentParser(prog=PROG, usage=USAGE, add_help=False, allow_abbrev=False)
+    parser.add_argument("-h", "--help", action="store_true")
+    parser.add_argument("--preset")
+    parser.add_argument("--print_config", action="store_true")
+    return parser.parse_known_args(underscore_options(sys.argv[1:] if argv is None else argv))
+
+
+def help_text() -> str:
+    """``vlm train --help``: every field of :class:`TrainConfig`, section by section, with its
+    docstring, type and default, generated from the dataclasses by jsonargparse (imported
+    here only: it is not needed to train)."""
+    import docstring_parser
+    from jsonargparse import ArgumentParser, DefaultHelpFormatter, set_parsing_settings
+
+    from .recipe import known_presets
+
+    class Formatter(DefaultHelpFormatter, argparse.RawDescriptionHelpFormatter):
+        pass
+
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    parser = ArgumentParser(
+        prog=PROG, usage=USAGE, description=DESCRIPTION, epilog=EPILOG, formatter_class=Formatter, exit_on_error=False
+    )
+    parser.add_argument(
+        "--preset",
+        metavar="NAME|FILE",
+        help=f"a training preset or recipe stage ({', '.join(known_presets(PRESET_DIR))}) or a JSON file",
+    )
+    parser.add_argument("--print_config", action="store_true", help="print the resolved config as JSON and exit")
+    parser.add_class_arguments(TrainConfig, fail_untyped=False)
+    for action in parser._actions:
+        # Shown as our parser reads them: no jsonargparse-only options (a section loaded from a
+        # config file, --x.help of a nested class, --list+ to append), JSON for lists and objects.
+        strings = [s for s in action.option_strings if not s.endswith("+")]
+        if not strings or (action.help and "configuration file" in action.help) or strings[0].endswith(".help"):
+            action.help = argparse.SUPPRESS
+            continue
+        action.option_strings = strings
+        if isinstance(action.metavar, str) and "ITEM" in action.metavar or strings[0] == "--eval.data":
+            action.metavar = "JSON"
+    group = parser.add_argument_group(
+        "Each entry of data.sources (and of eval.data.sources: eval.data has the fields of data) is an object"
+    )
+    for param in docstring_parser.parse_from_object(SourceConfig).params:
+        f = next(f for f in dataclasses.fields(SourceConfig) if f.name == param.arg_name)
+        kind = str(f.type).replace("None", "null")
+        shown = "required, " if f.default is dataclasses.MISSING else ""
+        shown += f"type: {kind}" + ("" if shown else f", default: {json.dumps(f.default)}")
+        text = f"{param.description} ({shown})"
+        group.add_argument(f"source.{f.name}", metavar=f.name, nargs="?", default=argparse.SUPPRESS, help=text)
+    return parser.format_help().rstrip("\n") + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``vlm train`` (and ``python -m vlm_train.train``): resolve the config, print it or train.
+    Help and ``--print_config`` import neither torch nor the data pipeline."""
+    args, overrides = parse_args(argv)
+    if args.help:
+        print(help_text(), end="")
+        return 0
+    try:
+        cfg = resolve(args.preset, overrides, validate=not args.print_config)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"{PROG}: error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.print_config:
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    from .train import train
+
+    train(cfg)
+    return 0
+
+
+__all__ = ["TrainConfig", "SourceConfig", "LoaderConfig", "resolve", "from_dict", "apply_overrides", "main"]

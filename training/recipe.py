@@ -9,7 +9,7 @@ length as an input (``time_budget_s``, or ``steps``), not as one machine's step 
                 {"name": "second", "data": {"sources": [
                     {"shards": "data/shards/easy-vqa-train", "kind": "qa", "select": "@colour-questions"}]}}]}
 
-``vlm-train --preset default:second`` trains one stage; its checkpoint folder is
+``vlm train --preset default:second`` trains one stage; its checkpoint folder is
 ``runs/<recipe>-<stage>`` unless the stage sets one. ``"select": "@name"`` in any preset's
 sources (or on the command line) names an entry of ``selections``; it is replaced by the
 regular expression when the config is built. ``python -m vlm_train.recipe default`` prints

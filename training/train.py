@@ -1,15 +1,15 @@
-"""``vlm-train`` / ``python -m vlm_train.train``: one command from a laptop CPU to many GPUs.
+"""The trainer: ``vlm train`` / ``python -m vlm_train.train``, one command from a laptop CPU to many GPUs.
 
-    vlm-train --preset tiny --steps 200
+    vlm train --preset tiny --steps 200
     torchrun --nproc_per_node 2 -m vlm_train.train --preset tiny --parallel.strategy fsdp
-    vlm-train --preset default-mix --optim.lr 2e-4 --checkpoint.dir runs/mine   # resumes by itself
+    vlm train --preset default:colour --optim.lr 2e-4 --checkpoint.dir runs/mine   # resumes by itself
 
-Any field of :class:`vlm_train.config.TrainConfig` can be set with ``--section.field value``.
+Any field of :class:`vlm_train.config.TrainConfig` can be set with ``--section.field value``;
+``vlm train --help`` lists them all. The command line is parsed in :mod:`vlm_train.config`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import sys
@@ -27,7 +27,8 @@ from vlm.factory import load_trainable
 from vlm.fileio import write_text
 
 from . import checkpoint as ckpt
-from .config import TrainConfig, resolve
+from .config import TrainConfig
+from .config import main as cli_main
 from .data import prefix_cache
 from .data.decode import SkipCounter
 from .data.loader import is_report_only, make_loader
@@ -521,19 +522,9 @@ def train(cfg: TrainConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-train", description=__doc__.split("\n")[0], allow_abbrev=False)
-    parser.add_argument("--preset", help="a training preset name (training/presets/*.json) or a JSON file")
-    parser.add_argument("--print-config", action="store_true", help="print the resolved config and exit")
-    args, overrides = parser.parse_known_args(argv)
-    try:
-        cfg = resolve(args.preset, overrides, validate=not args.print_config)
-    except (ValueError, FileNotFoundError) as e:
-        parser.exit(2, f"vlm-train: error: {e}\n")
-    if args.print_config:
-        print(json.dumps(cfg.to_dict(), indent=2))
-        return 0
-    train(cfg)
-    return 0
+    """``python -m vlm_train.train`` (how torchrun starts each rank): the same command line as
+    ``vlm train``, whose parsing, help and ``--print_config`` live in :func:`vlm_train.config.main`."""
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -1,13 +1,13 @@
-"""``vlm-data``: write webdataset shards from your files, bundled data or generators.
+"""``vlm data``: write webdataset shards from your files, bundled data or generators.
 
-vlm-data folder photos/ --out shards/mine          # images + sidecar .txt captions
-vlm-data table pairs.csv --out shards/mine         # image,caption or image,question,answer
-vlm-data easy-vqa --split train --out shards/evqa
-vlm-data emoji --split train --kind caption --out shards/emoji
-vlm-data shapes --split train --count 20000 --out shards/shapes
-vlm-data sketch --split train --count 20000 --out shards/sketch
-vlm-data inspect 'shards/evqa/easy-vqa-train-{000000..000038}.tar' --kind qa
-vlm-data cache --model default --shards shards/sketch --kind sketch --precision bf16-frozen
+vlm data folder photos/ --out shards/mine          # images + sidecar .txt captions
+vlm data table pairs.csv --out shards/mine         # image,caption or image,question,answer
+vlm data easy-vqa --split train --out shards/evqa
+vlm data emoji --split train --kind caption --out shards/emoji
+vlm data shapes --split train --count 20000 --out shards/shapes
+vlm data sketch --split train --count 20000 --out shards/sketch
+vlm data inspect 'shards/evqa/easy-vqa-train-{000000..000038}.tar' --kind qa
+vlm data cache --model default --shards shards/sketch --kind sketch --precision bf16-frozen
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 from tqdm import tqdm
 
+from vlm.cli import underscore_options
 from vlm.tario import ShardError, iter_tar_samples
 
 from . import builders
@@ -91,9 +92,8 @@ def cache(args) -> int:
     for the model and precision a run will use; report its size."""
     import torch
 
-    from ..config import ModelConfig, TrainConfig
+    from ..config import ModelConfig, SourceConfig, TrainConfig
     from ..train import build_model
-    from .loader import SourceConfig
     from .prefix_cache import ensure
 
     cfg = TrainConfig(model=ModelConfig(preset=args.model, init_from=args.init_from), precision=args.precision)
@@ -112,13 +112,13 @@ def cache(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="vlm-data", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="vlm data", description=__doc__.split("\n")[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--out", required=True, help="output folder for the shards")
     common.add_argument("--prefix", help="shard name prefix (default: from the source)")
-    common.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
-    common.add_argument("--max-shard-mb", type=int, default=256, help="megabytes per shard")
+    common.add_argument("--shard_size", type=int, default=1000, help="samples per shard")
+    common.add_argument("--max_shard_mb", type=int, default=256, help="megabytes per shard")
     split = argparse.ArgumentParser(add_help=False)
     split.add_argument("--split", default="train", choices=["train", "val", "test"])
     generated = argparse.ArgumentParser(add_help=False)
@@ -142,15 +142,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", required=True, choices=FORMATS)
     p = sub.add_parser("cache", help="build the trainer's prefix cache of the frozen LM for shards")
     p.add_argument("--model", required=True, help="a vlm preset name or a model folder (the run's --model.preset)")
-    p.add_argument("--init-from", help="the run's --model.init_from (the added rows are part of the cache's key)")
+    p.add_argument("--init_from", help="the run's --model.init_from (the added rows are part of the cache's key)")
     p.add_argument("--shards", required=True, help="brace pattern, folder or file (as a data source's shards)")
     p.add_argument("--kind", required=True, choices=FORMATS)
-    p.add_argument("--max-tokens", type=int, default=2048, help="the source's max_tokens")
+    p.add_argument("--max_tokens", type=int, default=2048, help="the source's max_tokens")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "bf16-frozen"], help="the run's precision")
-    p.add_argument("--cache-dir", help="the run's data.prefix_cache_dir (default: beside each shard)")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--cache_dir", help="the run's data.prefix_cache_dir (default: beside each shard)")
+    p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    args = parser.parse_args(underscore_options(sys.argv[1:] if argv is None else argv))
 
     try:
         if args.source == "cache":
@@ -172,7 +172,7 @@ def main(argv: list[str] | None = None) -> int:
             samples, prefix = builders.sketches(args.split, args.count, args.seed, args.workers), f"sketch-{args.split}"
         write(samples, args.out, args.prefix or prefix, args.shard_size, args.max_shard_mb * 1024 * 1024)
     except (FileNotFoundError, ValueError) as e:
-        parser.exit(2, f"vlm-data: error: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     return 0
 
 

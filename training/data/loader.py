@@ -27,7 +27,7 @@ import os
 import random
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -35,8 +35,8 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from vlm.processor import Processor
 from vlm.tario import ShardError, iter_tar_samples
 
+from ..config import LoaderConfig, SourceConfig  # defined beside TrainConfig, without torch, for `vlm train --help`
 from .decode import (
-    DEFAULT_MAX_PIXELS,
     MAX_TEXT_BYTES,
     SkipCounter,
     decode_sample,
@@ -45,44 +45,9 @@ from .decode import (
     skip_reason,
 )
 from .prefix_cache import PrefixLookup
-from .shards import FORMATS, as_raw, expand_shards
+from .shards import as_raw, expand_shards
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class SourceConfig:
-    """One shard set in the mixture."""
-
-    shards: str
-    """Brace pattern (``data/caps-{000000..000009}.tar``), folder of ``.tar`` files, or one file."""
-    kind: str
-    """Sample format: caption, qa, interleaved or sketch."""
-    weight: float = 1.0
-    """Relative sampling weight in the mixture."""
-    select: str | None = None
-    """Keep only samples whose text members (``.json``, ``.txt``, ``.html``) match this
-    regular expression, case-insensitive: ``"colou?r|red|teal"`` picks easy-VQA's colour
-    questions. Samples left out are not counted as skipped."""
-    max_tokens: int = 2048
-    """Most tokens of one sample, image markers included. A longer sample keeps its start
-    and loses the end of its trained text (counted as ``truncated``); one whose untrained
-    prompt leaves no trained token within the cap is skipped (``too long``). 2048 holds any
-    caption, question or compact page here and bounds a batch, which pads to its longest
-    sample; lower it for an LM with a shorter context."""
-
-    def validate(self) -> None:
-        if self.kind not in FORMATS:
-            raise ValueError(f"source {self.shards}: kind must be one of {FORMATS}, got {self.kind!r}")
-        if self.weight <= 0:
-            raise ValueError(f"source {self.shards}: weight must be > 0, got {self.weight}")
-        if self.max_tokens < 1:
-            raise ValueError(f"source {self.shards}: max_tokens must be >= 1, got {self.max_tokens}")
-        if self.select is not None:
-            try:
-                re.compile(self.select)
-            except re.error as e:
-                raise ValueError(f"source {self.shards}: select is not a regular expression: {e}") from None
 
 
 def _matcher(pattern: str) -> Callable[[dict], bool]:
@@ -98,49 +63,6 @@ def _matcher(pattern: str) -> Callable[[dict], bool]:
         return regex.search(text) is not None
 
     return wanted
-
-
-@dataclass
-class LoaderConfig:
-    sources: list[SourceConfig] = field(default_factory=list)
-    batch_size: int = 8
-    num_workers: int = 2
-    shuffle_buffer: int = 1000
-    """Samples held for shuffling per source and worker (0: no shuffling)."""
-    resampled: bool = False
-    """Draw shards with replacement, endlessly; an epoch is then ``epoch_batches`` long."""
-    epoch_batches: int | None = None
-    """Batches per rank in an epoch (required when resampled; optional cap otherwise)."""
-    mix: str = "batch"
-    """``batch``: each batch comes from one source, drawn by weight (no padding of short
-    question-answer samples up to long HTML pages); ``sample``: sources mix within a batch."""
-    max_pixels: int = DEFAULT_MAX_PIXELS
-    drop_last: bool = True
-    """Drop the last, smaller batch of an epoch instead of yielding it."""
-    seed: int = 0
-    prefix_cache_dir: str | None = None
-    """Where the trainer's prefix cache files go (``--prefix_cache``); by default beside
-    each shard. Set it when the shard folders are read-only."""
-    barren_shards: int = 16
-    """Resampled mode: a source whose last ``barren_shards`` distinct shards in a row (all its
-    shards, when it has fewer) gave no usable sample is dropped from the mixture with a
-    warning that names it and why; with no source left the loader raises. Drawing from it
-    would otherwise go on forever. With replacement, a source whose shards are half bad
-    gives 16 bad ones in a row about once in 65,000 draws: raise it for such a source."""
-
-    def validate(self) -> None:
-        if not self.sources:
-            raise ValueError("the data config has no sources")
-        for s in self.sources:
-            s.validate()
-        if self.batch_size < 1 or self.num_workers < 0:
-            raise ValueError("batch_size must be >= 1 and num_workers >= 0")
-        if self.mix not in ("batch", "sample"):
-            raise ValueError(f"mix must be 'batch' or 'sample', got {self.mix!r}")
-        if self.resampled and not self.epoch_batches:
-            raise ValueError("resampled mode needs epoch_batches")
-        if self.barren_shards < 1:
-            raise ValueError(f"barren_shards must be >= 1, got {self.barren_shards}")
 
 
 class _Barren(Exception):

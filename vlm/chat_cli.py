@@ -1,0 +1,119 @@
+"""``vlm chat``: ask questions about an image in the terminal, with the bundled model.
+
+    vlm chat photo.jpg "What is in the picture?"
+    vlm chat photo.jpg "What colour is the shape?" "Is it big?"   # one conversation, turn by turn
+    vlm chat photo.jpg                                            # type questions; an empty line or Ctrl-D ends
+    vlm chat photo.jpg "Describe it." --model runs/x/model --device cuda --dtype bfloat16
+
+The image is encoded once per conversation, each turn sees the ones before it, and the
+answers stream as they are generated. ``--preset NAME`` builds that architecture preset
+with an untrained adapter instead (the LM then ignores the image: its gates are zero),
+which shows the pipeline runs, not what a trained model sees.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Iterator, Sequence
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    rest = __doc__.split("\n\n", 1)[1]
+    parser = argparse.ArgumentParser(
+        prog="vlm chat",
+        description="Ask questions about an image in the terminal, with the bundled model by default.",
+        epilog=rest,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add = parser.add_argument
+    add("image", metavar="IMAGE", help="the image file to ask about")
+    add("questions", nargs="*", metavar="QUESTION", help="questions, asked in order (default: read from stdin)")
+    add("--model", metavar="DIR", help="checkpoint folder (default: the bundled model)")
+    add("--preset", metavar="NAME", help="instead of --model: a vlm architecture preset with an untrained adapter")
+    add("--device", help="cpu, cuda, cuda:1… (default: cuda when available, else cpu)")
+    add("--dtype", choices=DTYPES, help="cast the model's weights to this type (default: as loaded)")
+    add("--max_new_tokens", type=int, metavar="N", default=64, help="longest answer in tokens (default: %(default)s)")
+    return parser
+
+
+def questions_from(stream) -> Iterator[str]:
+    """Questions typed (or piped) one a line, until an empty line or the end of input."""
+    interactive = stream.isatty()
+    while True:
+        if interactive:
+            print("Q: ", end="", flush=True)
+        line = stream.readline()
+        if not line.strip():
+            return
+        yield line.strip()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.model and args.preset:
+        parser.error("--model and --preset exclude each other")
+    if args.max_new_tokens < 1:
+        parser.error("--max_new_tokens must be at least 1")
+    logging.basicConfig(format="%(name)s: %(message)s")  # vlm's progress notes (e.g. the first-run dequantising)
+    logging.getLogger("vlm").setLevel(logging.INFO)
+
+    from .images import ImageError, load_image
+
+    try:
+        image = load_image(args.image).convert("RGB")
+    except (OSError, ValueError, ImageError) as e:
+        parser.error(f"{args.image}: cannot read it as an image ({e})")
+
+    # torch and the model code only now: `vlm chat --help` answers at once.
+    import torch
+
+    from .chat import Chat
+    from .factory import create_model_and_transforms, load_model
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    start = time.perf_counter()
+    try:
+        model, processor = (
+            create_model_and_transforms(args.preset, verbose=False)
+            if args.preset
+            else load_model(args.model, verbose=False)
+        )
+        model = model.to(device).eval()
+        if args.dtype:
+            model = model.to(getattr(torch, args.dtype))
+    except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
+        parser.exit(2, f"{parser.prog}: error: cannot load the model on {device}: {e}\n")
+    print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+    class DeviceChat(Chat):
+        """Its inputs on the model's device (``Chat`` leaves them where the processor made them)."""
+
+        def _prompt(self, question: str):
+            input_ids, images = super()._prompt(question)
+            return input_ids.to(device), None if images is None else images.to(device)
+
+    chat = DeviceChat(model, processor, [image])
+    asked = False
+    for question in args.questions or questions_from(sys.stdin):
+        asked = True
+        if args.questions or not sys.stdin.isatty():
+            print(f"Q: {question}")
+        print("A: ", end="", flush=True)
+        start = time.perf_counter()
+        for piece in chat.ask_stream(question, max_new_tokens=args.max_new_tokens):
+            print(piece, end="", flush=True)
+        print(flush=True)
+        print(f"   ({time.perf_counter() - start:.2f} s)", file=sys.stderr, flush=True)
+    if not asked:
+        print("no question asked", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
