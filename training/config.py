@@ -49,7 +49,7 @@ class SourceConfig:
     sample; lower it for an LM with a shorter context."""
 
     def validate(self) -> None:
-        from .data.shards import FORMATS  # here, not at the top: the shard code needs webdataset
+        from vlm.tasks import KINDS as FORMATS
 
         if self.kind not in FORMATS:
             raise ValueError(f"source {self.shards}: kind must be one of {FORMATS}, got {self.kind!r}")

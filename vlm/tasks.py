@@ -34,6 +34,7 @@ __all__ = [
     "CAPTION",
     "CAPTION_PROMPT",
     "INTERLEAVED",
+    "KINDS",
     "SKETCH",
     "SKETCH_PROMPT",
     "TASKS",
@@ -211,6 +212,8 @@ INTERLEAVED = Interleaved("interleaved", "interleaved", Decoding(max_new_tokens=
 
 TASKS: dict[str, Task] = {task.name: task for task in (CAPTION, VQA, SKETCH, INTERLEAVED)}
 _BY_KIND = {task.kind: task for task in TASKS.values()}
+KINDS = tuple(_BY_KIND)
+"""The shard sample formats, one per task: caption, qa, sketch, interleaved."""
 
 
 def for_kind(kind: str) -> Task:

@@ -15,15 +15,16 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Iterator
-
-from tqdm import tqdm
+from typing import TYPE_CHECKING
 
 from vlm.cli import underscore_options
-from vlm.tario import ShardError, iter_tar_samples
+from vlm.tasks import KINDS as FORMATS
 
-from . import builders
-from .decode import SkipCounter, decode_sample, skip_reason
-from .shards import FORMATS, ShardWriter, as_raw, expand_shards, shard_pattern
+if TYPE_CHECKING:
+    from . import builders
+
+# The data code (webdataset, torch, the generators) is imported where it is used, so that
+# `vlm data --help` answers at once.
 
 MAX_REPORTED = 20
 
@@ -31,6 +32,10 @@ MAX_REPORTED = 20
 def write(samples: Iterator[builders.Built], out: str, prefix: str, shard_size: int, max_bytes: int) -> int:
     """Write samples to shards with a progress bar; report unusable inputs. Returns the
     number of unusable inputs."""
+    from tqdm import tqdm
+
+    from .shards import ShardWriter, shard_pattern
+
     errors = 0
     with ShardWriter(out, prefix, max_samples=shard_size, max_bytes=max_bytes) as writer:
         bar = tqdm(samples, desc=prefix, unit=" samples", dynamic_ncols=True)
@@ -56,6 +61,13 @@ def inspect(spec: str, kind: str) -> int:
     """Read shards back and count usable samples, and the others by reason. Damage of any
     kind (a missing, truncated or non-tar shard, a forged member size, a bad sample) is
     counted and reported by name, and the count goes on."""
+    from tqdm import tqdm
+
+    from vlm.tario import ShardError, iter_tar_samples
+
+    from .decode import SkipCounter, decode_sample, skip_reason
+    from .shards import as_raw, expand_shards
+
     counts = SkipCounter()
     good = 0
     damaged: list[str] = []
@@ -151,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch_size", type=int, default=16)
     p.add_argument("--device", default="cpu")
     args = parser.parse_args(underscore_options(sys.argv[1:] if argv is None else argv))
+
+    from . import builders
 
     try:
         if args.source == "cache":

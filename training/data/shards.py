@@ -28,11 +28,12 @@ from PIL import Image
 
 from vlm.fileio import AtomicFile
 from vlm.tario import ShardError, iter_tar_samples
+from vlm.tasks import KINDS
 
 if TYPE_CHECKING:
     from vlm.tario import TarSample
 
-FORMATS = ("caption", "qa", "interleaved", "sketch")
+FORMATS = KINDS  # the sample formats: one per task (vlm.tasks)
 
 
 def image_bytes(image: Image.Image, fmt: str = "png") -> bytes:
