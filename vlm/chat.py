@@ -15,6 +15,7 @@ from PIL import Image
 from .generate import GenerationConfig, Session, generate, stream
 from .model import VLM
 from .processor import Processor
+from .tasks import VQA
 
 
 class Chat:
@@ -30,9 +31,11 @@ class Chat:
     def _prompt(self, question: str) -> tuple[torch.Tensor, torch.Tensor | None]:
         if not question or not question.strip():
             raise ValueError("the question is empty")
-        segments = self.processor.chat_segments([*self.turns, (question, None)], num_images=len(self.images))
+        segments = VQA.conversation(self.processor, self.turns, question, num_images=len(self.images))
         batch = self.processor([segments], [self.images])
-        return batch["input_ids"], batch["images"]
+        device = next(self.model.parameters()).device  # the inputs go where the model is
+        images = None if batch["images"] is None else batch["images"].to(device)
+        return batch["input_ids"].to(device), images
 
     def _session(self, images: torch.Tensor | None) -> Session:
         if self.session is None:

@@ -91,14 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"{parser.prog}: error: cannot load the model on {device}: {e}\n")
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
-    class DeviceChat(Chat):
-        """Its inputs on the model's device (``Chat`` leaves them where the processor made them)."""
-
-        def _prompt(self, question: str):
-            input_ids, images = super()._prompt(question)
-            return input_ids.to(device), None if images is None else images.to(device)
-
-    chat = DeviceChat(model, processor, [image])
+    chat = Chat(model, processor, [image])
     asked = False
     for question in args.questions or questions_from(sys.stdin):
         asked = True

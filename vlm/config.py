@@ -269,7 +269,9 @@ class VLMConfig:
         return cls(**kwargs).validate()
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+        from .fileio import write_text  # atomic: a reader sees the old file or the new one
+
+        write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> VLMConfig:
