@@ -41,16 +41,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 ROOT = Path(__file__).resolve().parents[1]
-QUESTIONS = [
-    "What is in this picture?",
-    "Describe the image.",
-    "What colours do you see?",
-    "How many shapes are there?",
-    "Is there a circle?",
-    "Where is the square?",
-    "What is on the left?",
-    "Write a caption.",
-]
+from generate import QUESTIONS  # noqa: E402 (benchmarks/ is on the path of its scripts)
 
 
 def example_image_uri() -> str:

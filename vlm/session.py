@@ -229,13 +229,7 @@ class Session:
             raise ValueError("start_from takes cached sessions that both have images or both have none")
         if bool((other.ids[:, :length] == self.model.image_token_id).any()):
             raise ValueError("a shared prefix must come before the first image")
-        self.cache = DynamicCache(
-            ddp_cache_data=[
-                (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
-                for layer in _plain_cache_layers(other.cache)
-            ],
-            config=self.model.lm.config,
-        )
+        self.cache = _cache_prefix(other.cache, length, self.model.lm.config)
         self.ids = other.ids[:, :length].clone()
         self.attention_mask = other.attention_mask[:, :length].clone()
 
@@ -245,16 +239,21 @@ class Session:
         if self.ids is None or self.ids.shape[0] != 1 or not 0 < length <= self.length or self.cache is None:
             raise ValueError("prefix_copy takes a fed, cached one-row session and a length it holds")
         other = copy.copy(self)
-        other.cache = DynamicCache(
-            ddp_cache_data=[
-                (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
-                for layer in _plain_cache_layers(self.cache)
-            ],
-            config=self.model.lm.config,
-        )
+        other.cache = _cache_prefix(self.cache, length, self.model.lm.config)
         other.ids = self.ids[:, :length].clone()
         other.attention_mask = self.attention_mask[:, :length].clone()
         return other
+
+
+def _cache_prefix(cache, length: int, config) -> DynamicCache:
+    """A new cache holding a clone of the first ``length`` positions of ``cache``."""
+    return DynamicCache(
+        ddp_cache_data=[
+            (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
+            for layer in _plain_cache_layers(cache)
+        ],
+        config=config,
+    )
 
 
 def _plain_cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
