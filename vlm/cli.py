@@ -46,7 +46,7 @@ COMMANDS = {
     "data": Command(
         "vlm_train.data.cli:main", "write webdataset shards from your files, bundled data or generators", "train"
     ),
-    "convert": Command("vlm.convert:main", "turn an OpenFlamingo checkpoint into a vlm checkpoint folder"),
+    "convert": Command("vlm.convert:main", "turn an OpenFlamingo or IDEFICS checkpoint into a vlm checkpoint folder"),
     "serve": Command("vlm_serve.app:main", "an OpenAI-compatible HTTP server (continuous batching)", "serve"),
     "demo": Command("vlm.cli:demo", "start the Streamlit demo (chat, captions, sketch to HTML)", "demo", rewrite=False),
 }

@@ -96,12 +96,17 @@ class VisionConfig:
     head conv) after the head's. EfficientNet-Lite0's head loses colour: a linear probe
     reads easy-VQA shape colours from its mean-pooled output at 98.0 %, from the last
     stage's 320 channels at 99.7 %."""
+    class_token: bool = False
+    """open_clip ViTs only: keep the class token in front of the patch tokens. IDEFICS's
+    perceiver reads the whole last hidden state, class token included."""
 
     def validate(self) -> None:
         if self.kind not in ("timm", "open_clip"):
             raise ValueError(f"vision.kind must be 'timm' or 'open_clip', got {self.kind!r}")
         if self.with_last_stage and self.kind != "timm":
             raise ValueError("vision.with_last_stage needs a timm conv net (vision.kind 'timm')")
+        if self.class_token and self.kind != "open_clip":
+            raise ValueError("vision.class_token needs an open_clip ViT (vision.kind 'open_clip')")
         if self.image_size is not None and self.image_size < 16:
             raise ValueError(f"vision.image_size must be >= 16, got {self.image_size}")
         _check_kwargs(self.model_kwargs, VISION_KWARGS[self.kind], "vision.model_kwargs")
@@ -158,11 +163,18 @@ class ResamplerConfig:
     the cross-attention, after the latents: the decoder can then look up where things
     are, which the latents may average away. No extra weights (the tokens share the
     latents' output norm and projection), so a checkpoint trained without it loads."""
+    ff_act: str = "gelu"
+    """Activation of the feed-forward layers: ``"gelu"``, or ``"relu"`` (IDEFICS)."""
+    qk_norm: bool = False
+    """Layer-normalise each head's queries and keys before attention (IDEFICS's
+    ``qk_layer_norms_perceiver``)."""
 
     def validate(self) -> None:
         for name in ("num_latents", "depth", "heads", "head_dim", "ff_mult", "max_images"):
             if getattr(self, name) < 1:
                 raise ValueError(f"resampler.{name} must be >= 1, got {getattr(self, name)}")
+        if self.ff_act not in ("gelu", "relu"):
+            raise ValueError(f"resampler.ff_act must be 'gelu' or 'relu', got {self.ff_act!r}")
         if not self.project and self.dim is not None:
             raise ValueError(
                 "resampler.dim must be None when resampler.project is false (it works at the vision width)"
@@ -184,6 +196,19 @@ class CrossAttnConfig:
     only_latest_image: bool = True
     """Flamingo's rule: a token sees only the latest image at or before it. ``False``
     lets it see every image before it."""
+    norm: str = "layernorm"
+    """The norms before the attention and the feed-forward: ``"layernorm"`` (Flamingo), or
+    ``"rmsnorm"`` (IDEFICS, the LM's own kind)."""
+    norm_eps: float = 1e-5
+    ff: str = "gelu"
+    """The feed-forward: ``"gelu"`` (Linear → GELU → Linear, Flamingo), or ``"swiglu"`` (a
+    Llama MLP, IDEFICS: ``down(silu(gate(x)) * up(x))``)."""
+    ff_dim: int | None = None
+    """Hidden width of the feed-forward; ``None``: ``ff_mult`` times the LM's width."""
+    qk_norm: bool = False
+    """RMS-normalise each head's queries and keys (IDEFICS's ``qk_layer_norms``)."""
+    vector_gates: bool = False
+    """One tanh gate per channel instead of one per block (IDEFICS's ``alpha_type="vector"``)."""
 
     def validate(self) -> None:
         if self.layers is None and (self.every < 1 or self.start < 0):
@@ -192,6 +217,13 @@ class CrossAttnConfig:
             raise ValueError(f"cross_attn.layers must be non-negative indices, got {self.layers}")
         if self.heads < 1 or self.head_dim < 1 or self.ff_mult < 1:
             raise ValueError("cross_attn.heads, head_dim and ff_mult must be >= 1")
+        if self.norm not in ("layernorm", "rmsnorm") or self.ff not in ("gelu", "swiglu"):
+            raise ValueError(
+                "cross_attn.norm must be 'layernorm' or 'rmsnorm' and cross_attn.ff 'gelu' or 'swiglu', "
+                f"got {self.norm!r} and {self.ff!r}"
+            )
+        if (self.ff_dim is not None and self.ff_dim < 1) or not self.norm_eps > 0:
+            raise ValueError("cross_attn.ff_dim must be >= 1 and cross_attn.norm_eps > 0")
 
     def layer_indices(self, num_layers: int) -> list[int]:
         if self.layers is None:

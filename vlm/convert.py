@@ -3,6 +3,7 @@
     vlm convert openflamingo checkpoint.pt --release openflamingo/OpenFlamingo-4B-vitl-rpj3b --out of-4b
     vlm convert openflamingo checkpoint.pt --vision ViT-L-14 --pretrained openai \\
         --lm togethercomputer/RedPajama-INCITE-Base-3B-v1 --cross_attn_every 2 --out of-4b
+    vlm convert idefics downloads/idefics-9b --out idefics-9b
 
 An OpenFlamingo ``checkpoint.pt`` holds only what it trained: the perceiver, the gated
 cross-attention blocks and the LM's embedding matrices. It is read as plain tensors
@@ -10,6 +11,10 @@ cross-attention blocks and the LM's embedding matrices. It is read as plain tens
 unpickling is refused. The backbones are named, not copied: the folder's config.json
 names the open_clip tower and the LM, which load from their own sources as for any vlm
 checkpoint. docs/openflamingo.md maps their architecture onto our config fields.
+
+IDEFICS (transformers' ``IdeficsForVisionText2Text``) is converted by :mod:`vlm.idefics`:
+its decoder and ViT live only inside its checkpoint, so they are written into the folder
+too (docs/idefics.md).
 """
 
 from __future__ import annotations
@@ -333,30 +338,54 @@ def build_parser() -> argparse.ArgumentParser:
     add("--pretrained", default="openai", help="open_clip pretrained tag or weights file (default: %(default)s)")
     add("--cross_attn_every", type=int, metavar="N", help="its cross_attn_every_n_layers (default: from the weights)")
     add("--lm_dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="default: %(default)s")
+
+    idefics = sub.add_parser("idefics", help="a transformers IdeficsForVisionText2Text folder or weights file")
+    add = idefics.add_argument
+    add("checkpoint", metavar="SOURCE", help="a folder saved with save_pretrained, or a weights file")
+    add("--out", required=True, metavar="DIR", help="the vlm checkpoint folder to write (with lm/ and the ViT)")
+    add("--config", metavar="CONFIG_JSON", help="its config.json (default: SOURCE/config.json)")
+    add("--tokenizer", metavar="DIR", help="a folder with its tokenizer (default: SOURCE)")
+    add("--lm_dtype", choices=("float32", "bfloat16", "float16"), default="float32", help="default: %(default)s")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    logging.basicConfig(format="%(name)s: %(message)s")
+    logging.getLogger("vlm").setLevel(logging.INFO)
+    if args.source == "idefics":
+        from .idefics import convert_idefics
+
+        return _run(
+            convert_idefics,
+            args.checkpoint,
+            out_dir=args.out,
+            config=args.config,
+            tokenizer=args.tokenizer,
+            lm_dtype=args.lm_dtype,
+        )
     release = RELEASES.get(args.release, {})
     lm = args.lm or release.get("lm")
     if lm is None:
         parser.error("give --lm (or --release)")
     if args.cross_attn_every is not None and args.cross_attn_every < 1:
         parser.error("--cross_attn_every must be at least 1")
-    logging.basicConfig(format="%(name)s: %(message)s")
-    logging.getLogger("vlm").setLevel(logging.INFO)
+    return _run(
+        convert_openflamingo,
+        args.checkpoint,
+        lm=lm,
+        out_dir=args.out,
+        vision=args.vision,
+        pretrained=args.pretrained,
+        cross_attn_every=args.cross_attn_every or release.get("every"),
+        lm_dtype=args.lm_dtype,
+    )
+
+
+def _run(convert, *args, **kwargs) -> int:
     try:
-        convert_openflamingo(
-            args.checkpoint,
-            lm=lm,
-            out_dir=args.out,
-            vision=args.vision,
-            pretrained=args.pretrained,
-            cross_attn_every=args.cross_attn_every or release.get("every"),
-            lm_dtype=args.lm_dtype,
-        )
+        convert(*args, **kwargs)
     except (OSError, ValueError) as e:  # a refused pickle (UnsafeFileError) is a ValueError
         log.error("error: %s", e)
         return 1

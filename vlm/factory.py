@@ -103,8 +103,13 @@ def create_model_and_transforms(
     xa = cfg.cross_attn
     rs = cfg.resampler
     media_dim = None if rs.project else vision.width  # the resampler's output width
+    xa_options = dict(
+        norm=xa.norm, norm_eps=xa.norm_eps, ff=xa.ff, ff_dim=xa.ff_dim, qk_norm=xa.qk_norm, vector_gates=xa.vector_gates
+    )
     insert_cross_attention(
-        layers, indices, lambda: GatedCrossAttentionBlock(dim, xa.heads, xa.head_dim, xa.ff_mult, media_dim)
+        layers,
+        indices,
+        lambda: GatedCrossAttentionBlock(dim, xa.heads, xa.head_dim, xa.ff_mult, media_dim, **xa_options),
     )
     resampler = PerceiverResampler(
         vision_dim=vision.width,
@@ -120,6 +125,8 @@ def create_model_and_transforms(
         pass_tokens=rs.pass_tokens,
         project=rs.project,
         media_time=rs.media_time,
+        ff_act=rs.ff_act,
+        qk_norm=rs.qk_norm,
     )
     model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices, new_ids)
     count = apply_freezing(model)

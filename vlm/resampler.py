@@ -4,7 +4,8 @@ Each image's variable number of spatial tokens is squeezed into a fixed set of
 learned latents. Unlike OpenFlamingo, which runs its perceiver at the vision width,
 we project to a (usually smaller) working width first: the resampler's cost then
 does not grow with the vision tower. ``project=False`` (and ``media_time=False``) is
-OpenFlamingo's resampler, for its converted checkpoints (``vlm/convert.py``).
+OpenFlamingo's resampler, for its converted checkpoints (``vlm/convert.py``);
+``ff_act="relu"`` and ``qk_norm`` make it IDEFICS's.
 """
 
 from __future__ import annotations
@@ -16,11 +17,11 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def feed_forward(dim: int, mult: int) -> nn.Sequential:
+def feed_forward(dim: int, mult: int, act: str = "gelu") -> nn.Sequential:
     return nn.Sequential(
         nn.LayerNorm(dim),
         nn.Linear(dim, dim * mult, bias=False),
-        nn.GELU(),
+        nn.ReLU() if act == "relu" else nn.GELU(),
         nn.Linear(dim * mult, dim, bias=False),
     )
 
@@ -46,7 +47,7 @@ def sincos_2d(n_tokens: int, dim: int) -> torch.Tensor:
 class PerceiverAttention(nn.Module):
     """Latents attend to the image tokens concatenated with themselves."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int):
+    def __init__(self, dim: int, heads: int, head_dim: int, qk_norm: bool = False):
         super().__init__()
         self.heads = heads
         inner = heads * head_dim
@@ -55,6 +56,8 @@ class PerceiverAttention(nn.Module):
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
+        self.q_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(head_dim) if qk_norm else nn.Identity()
 
     def forward(self, x: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         # x: (M, N, D) image tokens; latents: (M, L, D), M = batch * images
@@ -63,7 +66,7 @@ class PerceiverAttention(nn.Module):
         q = self.to_q(latents)
         k, v = self.to_kv(torch.cat([x, latents], dim=1)).chunk(2, dim=-1)
         q, k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (q, k, v))  # (M, H, *, hd)
-        out = F.scaled_dot_product_attention(q, k, v)
+        out = F.scaled_dot_product_attention(self.q_norm(q), self.k_norm(k), v)
         return self.to_out(out.transpose(1, 2).flatten(2))
 
 
@@ -86,6 +89,8 @@ class PerceiverResampler(nn.Module):
         pass_tokens: bool = False,
         project: bool = True,
         media_time: bool = True,
+        ff_act: str = "gelu",
+        qk_norm: bool = False,
     ):
         super().__init__()
         if not project and dim != vision_dim:
@@ -98,7 +103,8 @@ class PerceiverResampler(nn.Module):
         # Media-time embeddings: where an image sits among a sample's images.
         self.media_time = nn.Parameter(torch.randn(max_images, 1, dim) * 0.02) if media_time else None
         self.layers = nn.ModuleList(
-            nn.ModuleList([PerceiverAttention(dim, heads, head_dim), feed_forward(dim, ff_mult)]) for _ in range(depth)
+            nn.ModuleList([PerceiverAttention(dim, heads, head_dim, qk_norm), feed_forward(dim, ff_mult, ff_act)])
+            for _ in range(depth)
         )
         self.norm = nn.LayerNorm(dim)
         self.proj_out = nn.Linear(dim, lm_dim) if project else nn.Identity()

@@ -25,7 +25,13 @@ class VisionEncoder(nn.Module):
     """Images ``(B, T, C, H, W)`` → spatial tokens ``(B, T, N, Dv)``."""
 
     def __init__(
-        self, tower: nn.Module, kind: str, width: int, num_prefix_tokens: int = 0, with_last_stage: bool = False
+        self,
+        tower: nn.Module,
+        kind: str,
+        width: int,
+        num_prefix_tokens: int = 0,
+        with_last_stage: bool = False,
+        class_token: bool = False,
     ):
         super().__init__()
         self.tower = tower
@@ -33,11 +39,17 @@ class VisionEncoder(nn.Module):
         self.width = width
         self.num_prefix_tokens = num_prefix_tokens
         self.with_last_stage = with_last_stage
+        self.class_token = class_token
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, t = images.shape[:2]
         x = images.flatten(0, 1)  # (B*T, C, H, W)
-        if self.kind == "open_clip":
+        if self.kind == "open_clip" and self.class_token:  # IDEFICS: the class token, then the patch tokens
+            out = self.tower.forward_intermediates(
+                x, indices=1, intermediates_only=True, output_fmt="NLC", output_extra_tokens=True
+            )
+            feats = torch.cat([out["image_intermediates_prefix"][-1], out["image_intermediates"][-1]], dim=1)
+        elif self.kind == "open_clip":
             # Patch tokens of the last block (class token dropped), not the pooled embedding.
             out = self.tower.forward_intermediates(x, indices=1, intermediates_only=True, output_fmt="NCHW")
             feats = out["image_intermediates"][-1]
@@ -48,7 +60,7 @@ class VisionEncoder(nn.Module):
             feats = self.tower.forward_features(x)
         if feats.ndim == 4:  # conv map (BT, C, h, w) -> (BT, h*w, C)
             feats = feats.flatten(2).transpose(1, 2)
-        else:  # timm ViT tokens (BT, prefix + N, C)
+        elif self.kind == "timm":  # timm ViT tokens (BT, prefix + N, C)
             feats = feats[:, self.num_prefix_tokens :]
         return feats.reshape(b, t, feats.shape[1], feats.shape[2])
 
@@ -190,4 +202,4 @@ def create_vision_encoder(cfg: VisionConfig) -> tuple[VisionEncoder, ImageTransf
         torch.manual_seed(0)
         tower, transform, width, prefix = build(cfg)
     tower.eval()
-    return VisionEncoder(tower, cfg.kind, width, prefix, cfg.with_last_stage), transform
+    return VisionEncoder(tower, cfg.kind, width, prefix, cfg.with_last_stage, cfg.class_token), transform

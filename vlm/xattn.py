@@ -2,7 +2,9 @@
 
 Flamingo (Alayrac et al. 2022, sec. 2.2): before chosen frozen LM layers,
 ``x = x + tanh(a) * xattn(x, latents)`` then ``x = x + tanh(f) * ffw(x)``, with the
-gates ``a = f = 0`` at init so the untrained model is exactly the LM.
+gates ``a = f = 0`` at init so the untrained model is exactly the LM. IDEFICS's block is
+the same with RMS norms, a Llama MLP, optional per-head query/key norms and per-channel
+gates (the keyword options of :class:`GatedCrossAttentionBlock`).
 """
 
 from __future__ import annotations
@@ -12,8 +14,6 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
-
-from .resampler import feed_forward
 
 
 def cross_attention_mask(
@@ -64,27 +64,70 @@ class MediaState:
         return self._mask
 
 
+class SwiGLU(nn.Module):
+    """A Llama MLP: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(dim, hidden, bias=False)
+        self.up_proj = nn.Linear(dim, hidden, bias=False)
+        self.down_proj = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def _norm(kind: str, dim: int, eps: float) -> nn.Module:
+    return nn.RMSNorm(dim, eps=eps) if kind == "rmsnorm" else nn.LayerNorm(dim, eps=eps)
+
+
 class GatedCrossAttentionBlock(nn.Module):
     """Text ``(B, S, D)`` attends to image latents ``(B, T, L, D_media)``; both sub-blocks
-    behind tanh gates. ``D_media`` is ``D`` unless the resampler keeps the vision width."""
+    behind tanh gates. ``D_media`` is ``D`` unless the resampler keeps the vision width.
+    The keyword options are :class:`~vlm.config.CrossAttnConfig`'s fields of the same names."""
 
-    def __init__(self, dim: int, heads: int, head_dim: int, ff_mult: int, media_dim: int | None = None):
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        head_dim: int,
+        ff_mult: int,
+        media_dim: int | None = None,
+        *,
+        norm: str = "layernorm",
+        norm_eps: float = 1e-5,
+        ff: str = "gelu",
+        ff_dim: int | None = None,
+        qk_norm: bool = False,
+        vector_gates: bool = False,
+    ):
         super().__init__()
         self.heads = heads
         inner = heads * head_dim
-        self.norm = nn.LayerNorm(dim)
+        hidden = ff_dim or dim * ff_mult
+        self.norm = _norm(norm, dim, norm_eps)
         self.to_q = nn.Linear(dim, inner, bias=False)
         self.to_kv = nn.Linear(media_dim or dim, 2 * inner, bias=False)
         self.to_out = nn.Linear(inner, dim, bias=False)
-        self.ff = feed_forward(dim, ff_mult)
-        self.attn_gate = nn.Parameter(torch.zeros(1))
-        self.ff_gate = nn.Parameter(torch.zeros(1))
+        self.q_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.RMSNorm(head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        if ff == "swiglu":
+            self.ff = nn.Sequential(_norm(norm, dim, norm_eps), SwiGLU(dim, hidden))
+        else:
+            self.ff = nn.Sequential(
+                _norm(norm, dim, norm_eps),
+                nn.Linear(dim, hidden, bias=False),
+                nn.GELU(),
+                nn.Linear(hidden, dim, bias=False),
+            )
+        self.attn_gate = nn.Parameter(torch.zeros(dim if vector_gates else 1))
+        self.ff_gate = nn.Parameter(torch.zeros(dim if vector_gates else 1))
 
     def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values over all latents: (B, T, L, D_media) → 2 × (B, H, T*L, hd)."""
         latents = latents.flatten(1, 2).to(self.to_kv.weight.dtype)
-        k, v = self.to_kv(latents).chunk(2, dim=-1)
-        return tuple(t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in (k, v))
+        k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.to_kv(latents).chunk(2, dim=-1))
+        return self.k_norm(k), v
 
     def forward(self, x: torch.Tensor, media: MediaState, layer: int) -> torch.Tensor:
         kv = media.kv.get(layer)
@@ -93,7 +136,7 @@ class GatedCrossAttentionBlock(nn.Module):
         if media.latents.shape[1] == 1:
             allowed = None  # one image: every row with media sees all keys; skip the mask
         h = x.to(self.to_q.weight.dtype)
-        q = self.to_q(self.norm(h)).unflatten(-1, (self.heads, -1)).transpose(1, 2)  # (B, H, S, hd)
+        q = self.q_norm(self.to_q(self.norm(h)).unflatten(-1, (self.heads, -1)).transpose(1, 2))  # (B, H, S, hd)
         attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed)
         attn = self.to_out(attn.transpose(1, 2).flatten(2))  # (B, S, D)
         attn = torch.where(has_media, attn, torch.zeros((), dtype=attn.dtype, device=attn.device))
