@@ -87,7 +87,7 @@ def timed(fn, repeats: int) -> float:
 
 def run_mode(model, batch, new_tokens: int, mode: str) -> None:
     cfg = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
-    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     generate(model, *args, config=cfg, cache_media_kv=(mode == "cached"), use_cache=(mode != "no-cache"))
 
 
@@ -162,7 +162,9 @@ def sketch_lookup(model, processor, count: int, drafts: list[int]) -> None:
                 cfg = GenerationConfig(max_new_tokens=400, prompt_lookup=k)
                 passes[0] = 0
                 start = time.perf_counter()
-                out = generate(model, batch["images"], batch["input_ids"], config=cfg, tokenizer=processor.tokenizer)
+                out = generate(
+                    model, batch["pixel_values"], batch["input_ids"], config=cfg, tokenizer=processor.tokenizer
+                )
                 totals[k][2] += time.perf_counter() - start
                 totals[k][0] += len(out.tokens[0])
                 totals[k][1] += passes[0] - 1  # the prompt's pass is not a decode step

@@ -88,7 +88,7 @@ def fake_batch(model, batch: int, length: int, image_size: int, device: torch.de
     labels = ids.clone()
     labels[:, : length // 2] = -100  # a prompt, then an answer, as in question-answer data
     return {
-        "images": torch.randn(batch, 1, 3, image_size, image_size, generator=g).to(device),
+        "pixel_values": torch.randn(batch, 1, 3, image_size, image_size, generator=g).to(device),
         "input_ids": ids.to(device),
         "attention_mask": torch.ones_like(ids).to(device),
         "labels": labels.to(device),

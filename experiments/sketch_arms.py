@@ -67,7 +67,7 @@ def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8
         encoded = [processor.encode(example_segments(processor, ex)) for ex in chunk]
         pixels = [processor.transform_images(ex.images) for ex in chunk]
         batch = processor.collate(encoded, pixels)
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         pred = out.logits[:, :-1].argmax(-1)
         target = batch["labels"][:, 1:]
         for b in range(len(chunk)):

@@ -200,7 +200,7 @@ def _prepare(processor: Processor, conv: Conversation, media: MediaPolicy):
         batch = processor([segments], [images])
     except ValueError as e:
         raise APIError(400, str(e), param="messages") from None
-    return batch["input_ids"], batch["images"]
+    return batch["input_ids"], batch["pixel_values"]
 
 
 def _generation_config(chat: ChatRequest, prompt_tokens: int, context: int | None, settings: ServerSettings):

@@ -42,7 +42,7 @@ def test_answers_the_first_easy_vqa_test_questions(bundled):
     batch = processor(
         [processor.chat_segments([(q, None)]) for _, q, _ in items], [[img] for img, _, _ in items], padding_side="left"
     )
-    out = generate(model, batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=6,
+    out = generate(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], max_new_tokens=6,
                    tokenizer=processor.tokenizer)  # fmt: skip
     correct = sum(exact_match(p, a) for p, (_, _, a) in zip(out.texts, items))
     assert correct >= 15, list(zip(out.texts, [a for _, _, a in items]))
@@ -57,7 +57,7 @@ def test_test_sketches_become_valid_html_that_follows_the_sketch(bundled, tmp_pa
     examples = [decode_sample(raw, "sketch") for raw in iter_tar(next(tmp_path.glob("*.tar")))]
     prompt = SKETCH.prompt(processor)
     batch = processor([prompt] * len(examples), [ex.images for ex in examples], padding_side="left")
-    out = generate(model, batch["images"], batch["input_ids"], batch["attention_mask"], max_new_tokens=400,
+    out = generate(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], max_new_tokens=400,
                    tokenizer=processor.tokenizer)  # fmt: skip
     pages = [text.strip() for text in out.texts]
     refs = [ex.text for ex in examples]
@@ -84,7 +84,10 @@ def test_prompt_lookup_gives_greedy_pages_on_real_sketches(bundled):
         batch = processor([segments], [[page_at("test", i).sketch]])
         pages = [
             generate(
-                model, batch["images"], batch["input_ids"], config=GenerationConfig(max_new_tokens=400, prompt_lookup=k)
+                model,
+                batch["pixel_values"],
+                batch["input_ids"],
+                config=GenerationConfig(max_new_tokens=400, prompt_lookup=k),
             )
             for k in (0, 10)
         ]

@@ -29,7 +29,9 @@ def test_round_trip_gives_identical_logits(make_model, tmp_path, family):
     batch = _batch(processor)
     expected = model(**batch).logits
     vlm.save_pretrained(model, tmp_path / "ckpt")
-    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == [CONFIG_FILE, WEIGHTS_FILE]
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == sorted(
+        [CONFIG_FILE, WEIGHTS_FILE, "generation_config.json", "README.md"]
+    )
     loaded, processor2 = vlm.from_pretrained(tmp_path / "ckpt", verbose=False)
     assert torch.equal(loaded(**_batch(processor2)).logits, expected)
     # Only trainable weights are stored.

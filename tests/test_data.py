@@ -55,7 +55,7 @@ def test_caption_shards_read_back_into_masked_batches(make_model, tmp_path):
     keys, skipped, batches = _collect(cfg, processor)
     assert sorted(keys) == [f"k{i}" for i in range(5)] and not skipped
     batch = batches[0]
-    assert batch["images"].shape == (5, 1, 3, 32, 32)
+    assert batch["pixel_values"].shape == (5, 1, 3, 32, 32)
     for i, key in enumerate(batch["keys"]):
         trained = batch["input_ids"][i][batch["labels"][i] != IGNORE_INDEX]
         assert processor.tokenizer.decode(trained) == captions[int(key[1:])] + "<|endofchunk|>"
@@ -72,7 +72,7 @@ def test_qa_and_interleaved_samples(make_model, tmp_path):
     qa = _collect(LoaderConfig([SourceConfig(str(tmp_path / "qa"), "qa")], batch_size=1), processor)[2][0]
     assert processor.tokenizer.decode(qa["input_ids"][0][qa["labels"][0] != IGNORE_INDEX]) == "red<|im_end|>\n"
     doc = _collect(LoaderConfig([SourceConfig(str(tmp_path / "doc"), "interleaved")], batch_size=1), processor)[2][0]
-    assert doc["images"].shape[:2] == (1, 2)
+    assert doc["pixel_values"].shape[:2] == (1, 2)
     assert processor.tokenizer.decode(doc["input_ids"][0]) == (
         "<image>a red one.<|endofchunk|><image>a blue one.<|endofchunk|>"
     )
@@ -133,7 +133,7 @@ def test_fuzz_corrupt_samples_are_counted_and_good_ones_all_arrive(make_model, t
     keys, skipped, batches = _collect(cfg, processor, workers=2)
     assert sorted(keys) == sorted([g["__key__"] for g in good] + ["goodqa"])
     assert skipped == Counter([reason for _, reason in bad] + ["bad json"])
-    assert all(torch.isfinite(b["images"]).all() for b in batches)
+    assert all(torch.isfinite(b["pixel_values"]).all() for b in batches)
 
 
 def test_two_ranks_two_workers_see_every_sample_exactly_once(make_model, tmp_path):

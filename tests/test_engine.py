@@ -30,7 +30,7 @@ REASONS = {"stop_token": "stop", "stop_string": "stop", "length": "length"}
 def _inputs(processor, k):
     text, colours = PROMPTS[k]
     batch = processor([text], [[shape_image(c, "square" if i % 2 else "circle") for i, c in enumerate(colours)]])
-    return batch["input_ids"], batch["images"]
+    return batch["input_ids"], batch["pixel_values"]
 
 
 def _configs(model, processor):
@@ -95,7 +95,7 @@ def test_a_shared_system_prompt_runs_once_and_answers_stay_exact(trained_model, 
         batch = processor(
             [processor.chat_segments([(question, None)], num_images=len(colours))], [[shape_image(c) for c in colours]]
         )
-        inputs.append((batch["input_ids"], batch["images"]))
+        inputs.append((batch["input_ids"], batch["pixel_values"]))
     cfg = GenerationConfig(max_new_tokens=10, stop_token_ids=())
     alone = [generate(model, images, ids, config=cfg).tokens[0] for ids, images in inputs]
     fed = []

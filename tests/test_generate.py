@@ -26,12 +26,12 @@ def test_cached_greedy_equals_full_recomputation(trained_model, family):
     model, processor = trained_model(family)
     for prompt, images in zip(PROMPTS, _images()):
         batch = processor([prompt], [images])
-        reference = model.greedy_generate(batch["images"], batch["input_ids"], 12)[0].tolist()
-        cached = generate(model, batch["images"], batch["input_ids"], config=NO_STOP).tokens[0]
-        media_recomputed = Session(model, batch["images"], cache_media_kv=False)
+        reference = model.greedy_generate(batch["pixel_values"], batch["input_ids"], 12)[0].tolist()
+        cached = generate(model, batch["pixel_values"], batch["input_ids"], config=NO_STOP).tokens[0]
+        media_recomputed = Session(model, batch["pixel_values"], cache_media_kv=False)
         assert cached == reference
         # The two benchmark baselines decode the same tokens too.
-        for session in (media_recomputed, Session(model, batch["images"], use_cache=False)):
+        for session in (media_recomputed, Session(model, batch["pixel_values"], use_cache=False)):
             logits = session.feed(batch["input_ids"])
             assert logits.argmax(-1).item() == reference[0]
 
@@ -43,7 +43,7 @@ def test_a_cache_the_lm_does_not_fill_is_an_error(trained_model):
     model._cache_kwarg = "unread_cache"
     batch = processor([PROMPTS[0]], [_images()[0]])
     with pytest.raises(RuntimeError, match="did not fill the cache"):
-        generate(model, batch["images"], batch["input_ids"], config=NO_STOP)
+        generate(model, batch["pixel_values"], batch["input_ids"], config=NO_STOP)
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
@@ -52,17 +52,17 @@ def test_batched_equals_one_by_one_with_left_padding(trained_model, family):
     alone = []
     for prompt, images in zip(PROMPTS, _images()):
         batch = processor([prompt], [images])
-        alone.append(generate(model, batch["images"], batch["input_ids"], config=NO_STOP).tokens[0])
+        alone.append(generate(model, batch["pixel_values"], batch["input_ids"], config=NO_STOP).tokens[0])
     batch = processor(PROMPTS, _images(), padding_side="left")
     assert batch["attention_mask"].min() == 0  # the prompts really have different lengths
-    together = generate(model, batch["images"], batch["input_ids"], batch["attention_mask"], config=NO_STOP)
+    together = generate(model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], config=NO_STOP)
     assert together.tokens == alone
 
 
 def test_one_beam_equals_greedy_and_beam_scores_are_consistent(trained_model):
     model, processor = trained_model("llama")
     batch = processor(PROMPTS, _images(), padding_side="left")
-    args = (batch["images"], batch["input_ids"], batch["attention_mask"])
+    args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     greedy = generate(model, *args, config=NO_STOP).tokens
     assert generate(model, *args, config=NO_STOP, num_beams=1).tokens == greedy
     beams = generate(model, *args, config=NO_STOP, num_beams=3, length_penalty=0.0)
@@ -73,7 +73,7 @@ def test_one_beam_equals_greedy_and_beam_scores_are_consistent(trained_model):
         one = processor([PROMPTS[b]], [_images()[b]])
         ids = torch.cat([one["input_ids"], torch.tensor([tokens])], dim=1)
         with torch.no_grad():
-            logp = model(one["images"], ids).logits[0].float().log_softmax(-1)
+            logp = model(one["pixel_values"], ids).logits[0].float().log_softmax(-1)
         start = one["input_ids"].shape[1]
         total = sum(logp[start - 1 + i, t].item() for i, t in enumerate(tokens))
         assert beams.scores[b] == pytest.approx(total, abs=1e-3)
@@ -82,7 +82,7 @@ def test_one_beam_equals_greedy_and_beam_scores_are_consistent(trained_model):
 def test_sampling_is_repeatable_with_a_seed(trained_model):
     model, processor = trained_model("llama")
     batch = processor([PROMPTS[0]], [_images()[0]])
-    args = (batch["images"], batch["input_ids"])
+    args = (batch["pixel_values"], batch["input_ids"])
     cfg = GenerationConfig(max_new_tokens=16, do_sample=True, temperature=1.5, top_k=50, top_p=0.95, stop_token_ids=())
     a = generate(model, *args, config=cfg, seed=7).tokens
     b = generate(model, *args, config=cfg, seed=7).tokens
@@ -113,7 +113,7 @@ def test_stop_tokens_and_stop_strings(trained_model):
     model, processor = trained_model("llama")
     tok = processor.tokenizer
     batch = processor([PROMPTS[0]], [_images()[0]])
-    args = (batch["images"], batch["input_ids"])
+    args = (batch["pixel_values"], batch["input_ids"])
     full = generate(model, *args, config=NO_STOP, max_new_tokens=20, tokenizer=tok)
     text = full.texts[0]
     first = full.tokens[0][0]
@@ -134,8 +134,8 @@ def test_streaming_concatenates_to_the_full_text(trained_model, seed):
     batch = processor([PROMPTS[0]], [_images()[0]])
     # Hot sampling over a byte-level vocabulary produces partial UTF-8 sequences too.
     cfg = GenerationConfig(max_new_tokens=24, do_sample=True, temperature=3.0, seed=seed, stop_token_ids=())
-    full = generate(model, batch["images"], batch["input_ids"], config=cfg, tokenizer=tok).texts[0]
-    pieces = list(stream(model, tok, batch["images"], batch["input_ids"], config=cfg))
+    full = generate(model, batch["pixel_values"], batch["input_ids"], config=cfg, tokenizer=tok).texts[0]
+    pieces = list(stream(model, tok, batch["pixel_values"], batch["input_ids"], config=cfg))
     assert "".join(pieces) == full
     assert all(not p.endswith("\ufffd") for p in pieces[:-1])
 
@@ -161,7 +161,7 @@ def test_streaming_never_splits_a_multibyte_character(trained_model):
 
     model.head.base = Forced()
     try:
-        pieces = list(stream(model, tok, batch["images"], batch["input_ids"], max_new_tokens=len(byte_tokens)))
+        pieces = list(stream(model, tok, batch["pixel_values"], batch["input_ids"], max_new_tokens=len(byte_tokens)))
     finally:
         model.head.base = head
     assert "".join(pieces) == "é€"
@@ -182,7 +182,7 @@ def test_chat_reuses_its_session_and_matches_full_recomputation(trained_model):
     segments = processor.chat_segments([("what colour?", first), ("and the shape?", None)])
     batch = processor([segments], [[image]])
     stops = (processor.tokenizer.eos_token_id, processor.end_of_chunk_token_id)
-    reference = model.greedy_generate(batch["images"], batch["input_ids"], 6, stops)[0].tolist()
+    reference = model.greedy_generate(batch["pixel_values"], batch["input_ids"], 6, stops)[0].tolist()
     reference = [t for t in reference if t not in stops]
     assert second == processor.tokenizer.decode(reference, skip_special_tokens=True).strip()
 
@@ -230,7 +230,7 @@ def test_int8_quantised_copy_keeps_the_adapter_in_float(trained_model):
     assert all(type(m) is nn.Linear for n, m in quantized.named_modules() if ".xattn.to_" in n)
     assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith(("q_proj", "o_proj")))
     batch = processor([PROMPTS[0]], [_images()[0]])
-    out = generate(quantized, batch["images"], batch["input_ids"], config=NO_STOP)
+    out = generate(quantized, batch["pixel_values"], batch["input_ids"], config=NO_STOP)
     assert len(out.tokens[0]) == NO_STOP.max_new_tokens
 
 
@@ -272,7 +272,7 @@ def test_prompt_lookup_gives_greedy_tokens_in_fewer_passes(trained_model, family
     saved = 0
     for prompt, images in zip(PROMPTS, _images()):
         batch = processor([prompt], [images])
-        args = (batch["images"], batch["input_ids"])
+        args = (batch["pixel_values"], batch["input_ids"])
         for max_new in (1, 40):
             passes.clear()
             greedy = generate(model, *args, config=NO_STOP, max_new_tokens=max_new, tokenizer=processor.tokenizer)
@@ -294,7 +294,7 @@ def test_prompt_lookup_keeps_stops_and_refuses_what_it_cannot_match(trained_mode
     model, processor = trained_model("llama")
     tok = processor.tokenizer
     batch = processor([PROMPTS[0]], [_images()[0]])
-    args = (batch["images"], batch["input_ids"])
+    args = (batch["pixel_values"], batch["input_ids"])
     text = generate(model, *args, config=NO_STOP, max_new_tokens=30, tokenizer=tok).texts[0]
     for stop in (text[5:8], text[20:22]):
         plain = generate(model, *args, config=NO_STOP, max_new_tokens=30, stop_strings=(stop,), tokenizer=tok)
@@ -310,7 +310,9 @@ def test_prompt_lookup_keeps_stops_and_refuses_what_it_cannot_match(trained_mode
     # A batch of several decodes as plain greedy.
     many = processor(PROMPTS, _images(), padding_side="left")
     both = [
-        generate(model, many["images"], many["input_ids"], many["attention_mask"], config=NO_STOP, prompt_lookup=k)
+        generate(
+            model, many["pixel_values"], many["input_ids"], many["attention_mask"], config=NO_STOP, prompt_lookup=k
+        )
         for k in (0, 5)
     ]
     assert both[0].tokens == both[1].tokens
@@ -331,7 +333,7 @@ def test_a_session_takes_its_media_state_from_the_model(trained_model, monkeypat
         return real(self, latents, input_ids, last=last, kv=kv)
 
     monkeypatch.setattr(type(model), "media_state", media_state)
-    out = generate(model, batch["images"], batch["input_ids"], max_new_tokens=3, stop_token_ids=())
+    out = generate(model, batch["pixel_values"], batch["input_ids"], max_new_tokens=3, stop_token_ids=())
     length = batch["input_ids"].shape[1]
     assert calls[0] == (length, length) and calls[1] == (length + 1, 1)  # the prompt, then one new token a step
     session = out.session

@@ -51,7 +51,7 @@ def test_caption_text_never_becomes_control_tokens(make_model, family):
     trained = ids[labels != IGNORE_INDEX].tolist()
     assert trained[-1] == processor.end_of_chunk_token_id  # the marker the processor placed
     assert not set(trained[:-1]) & control_ids(processor)
-    assert int((ids == processor.image_token_id).sum()) == 1 == batch["images"].shape[1]
+    assert int((ids == processor.image_token_id).sum()) == 1 == batch["pixel_values"].shape[1]
     assert processor.tokenizer.decode(trained) == INJECTION + "<|endofchunk|>"
 
 
@@ -90,7 +90,7 @@ def test_interleaved_items_take_their_structure_from_the_items_list(make_model):
     items = [{"image": "a.png"}, {"text": INJECTION}, {"image": "b.png"}, {"text": "<|endofchunk|>more"}]
     batch = p([p.interleaved_segments(items)], [[shape_image("red"), shape_image("blue")]])
     ids = batch["input_ids"][0].tolist()
-    assert ids.count(p.image_token_id) == 2 == batch["images"].shape[1]
+    assert ids.count(p.image_token_id) == 2 == batch["pixel_values"].shape[1]
     assert ids.count(p.end_of_chunk_token_id) == 2  # closing each image's text, placed by the processor
     assert p.tokenizer.decode(ids) == f"<image>{INJECTION}<|endofchunk|><image><|endofchunk|>more<|endofchunk|>"
     # Ordinary documents encode exactly as the markup string training/data/decode.py built so far.
@@ -134,7 +134,7 @@ def test_a_generated_control_token_ends_the_answer(trained_model, monkeypatch, t
     token_id = p.tokenizer.convert_tokens_to_ids(token)
     batch = p([p.chat_segments([("what colour?", None)])], [[shape_image("red")]])
     monkeypatch.setattr(model, "head", _Forced(model.head, token_id))
-    out = generate(model, batch["images"], batch["input_ids"], max_new_tokens=6, tokenizer=p.tokenizer)
+    out = generate(model, batch["pixel_values"], batch["input_ids"], max_new_tokens=6, tokenizer=p.tokenizer)
     assert out.tokens == [[]] and out.finish_reasons == ["stop_token"]
 
 
@@ -234,7 +234,9 @@ def test_beam_search_leaves_one_row_per_sample(trained_model):
     prompts = ["<image>a red", "the cat <image>sits on <image>the", "<image>what"]
     images = [[shape_image("red")], [shape_image("blue"), shape_image("green")], [shape_image("cyan")]]
     batch = p(prompts, images, padding_side="left")
-    out = generate(model, batch["images"], batch["input_ids"], batch["attention_mask"], num_beams=2, max_new_tokens=4)
+    out = generate(
+        model, batch["pixel_values"], batch["input_ids"], batch["attention_mask"], num_beams=2, max_new_tokens=4
+    )
     assert out.session.ids.shape[0] == 3 and out.session.attention_mask.shape[0] == 3
     assert out.session.latents.shape[0] == 3
     assert all(kv[0].shape[0] == 3 for kv in out.session.media_kv.values())

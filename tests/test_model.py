@@ -20,7 +20,7 @@ def two_image_batch(processor, text=TEXT):
 def test_identity_at_init_equals_frozen_lm(make_model, tiny_lm_dirs, family):
     model, processor = make_model(family)
     batch = two_image_batch(processor)
-    out = model(batch["images"], batch["input_ids"], batch["attention_mask"])
+    out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
     # The same frozen LM, loaded fresh and unwrapped, fed our embeddings (incl. <image> rows).
     reference = AutoModelForCausalLM.from_pretrained(tiny_lm_dirs[family]).eval()
     with torch.no_grad():
@@ -60,14 +60,14 @@ def test_masking_follows_the_latest_image_rule(make_model, only_latest):
     set_gates(model, 1.0)
     batch = two_image_batch(processor)
     first, second = _positions(processor, batch["input_ids"])
-    base = model(batch["images"], batch["input_ids"]).logits
+    base = model(batch["pixel_values"], batch["input_ids"]).logits
 
-    changed_img1 = batch["images"].clone()
+    changed_img1 = batch["pixel_values"].clone()
     changed_img1[:, 0] = torch.randn_like(changed_img1[:, 0])
     out1 = model(changed_img1, batch["input_ids"]).logits
     diff1 = (out1 - base).abs().amax(-1)[0]  # (S,)
 
-    changed_img2 = batch["images"].clone()
+    changed_img2 = batch["pixel_values"].clone()
     changed_img2[:, 1] = torch.randn_like(changed_img2[:, 1])
     out2 = model(changed_img2, batch["input_ids"]).logits
     diff2 = (out2 - base).abs().amax(-1)[0]
@@ -82,7 +82,7 @@ def test_masking_follows_the_latest_image_rule(make_model, only_latest):
     # reaches the tokens after image 2 only when all previous images are visible.
     xattn = model.decoder_layers()[0].xattn
     media = model.media_state(model.encode_images(changed_img1), batch["input_ids"])
-    media_base = model.media_state(model.encode_images(batch["images"]), batch["input_ids"])
+    media_base = model.media_state(model.encode_images(batch["pixel_values"]), batch["input_ids"])
     h = torch.randn(1, batch["input_ids"].shape[1], xattn.norm.normalized_shape[0])
     d = (xattn(h, media, 0) - xattn(h, media_base, 0)).abs().amax(-1)[0]
     assert torch.all(d[:first] == 0) and torch.all(d[first:second] > 0)
@@ -100,7 +100,7 @@ def test_text_before_any_image_gets_exact_zero_and_no_nan(make_model, dtype):
     batch = two_image_batch(processor)
     first, _ = _positions(processor, batch["input_ids"])
     xattn = model.decoder_layers()[0].xattn
-    media = model.media_state(model.encode_images(batch["images"].to(dtype)), batch["input_ids"])
+    media = model.media_state(model.encode_images(batch["pixel_values"].to(dtype)), batch["input_ids"])
     h = torch.randn(1, batch["input_ids"].shape[1], xattn.norm.normalized_shape[0], dtype=dtype)
     set_gates(model, 1.0)
     with torch.no_grad():
@@ -109,7 +109,7 @@ def test_text_before_any_image_gets_exact_zero_and_no_nan(make_model, dtype):
     assert torch.isfinite(out).all()
     assert torch.equal(out[:, :first], h[:, :first])
     assert not torch.equal(out[:, first:], h[:, first:])
-    logits = model(batch["images"].to(dtype), batch["input_ids"]).logits
+    logits = model(batch["pixel_values"].to(dtype), batch["input_ids"]).logits
     assert torch.isfinite(logits[..., : logits.shape[-1] - 2]).all()
 
 
@@ -158,7 +158,7 @@ def test_too_few_images_is_a_clear_error(make_model):
     model, processor = make_model("llama")
     batch = two_image_batch(processor)
     with pytest.raises(ValueError, match="2 <image> tokens but only 1 images"):
-        model(batch["images"][:, :1], batch["input_ids"])
+        model(batch["pixel_values"][:, :1], batch["input_ids"])
 
 
 def test_overfits_eight_image_caption_pairs(make_model):
@@ -222,19 +222,19 @@ def test_pass_tokens_hands_the_image_tokens_to_the_decoder_and_loads_older_weigh
     load_trainable(wide, model.trainable_state_dict())
     batch = two_image_batch(processor)
     with torch.no_grad():
-        latents, both = model.encode_images(batch["images"]), wide.encode_images(batch["images"])
-        n_tokens = model.vision(batch["images"]).shape[2]
+        latents, both = model.encode_images(batch["pixel_values"]), wide.encode_images(batch["pixel_values"])
+        n_tokens = model.vision(batch["pixel_values"]).shape[2]
     lat = cfg.resampler.num_latents
     assert both.shape[:3] == (1, 2, lat + n_tokens)
     assert torch.allclose(both[:, :, :lat], latents, atol=1e-6)  # the latents come first, unchanged
     # The decoder attends to the tokens too: with open gates the loss is finite (the
     # latest-image mask covers the extra entries) and dropping the tokens changes it.
     set_gates(wide, 1.0)
-    out = wide(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    out = wide(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
     assert torch.isfinite(out.loss)
     wide.resampler.pass_tokens = False
     assert not torch.allclose(
-        wide(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss, out.loss
+        wide(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"]).loss, out.loss
     )
 
 

@@ -72,7 +72,9 @@ def _cached_prefix(model, batch):
 def _loss_and_grads(model, batch, prefix=None, autocast=None):
     model.zero_grad(set_to_none=True)
     with autocast or torch.autocast("cpu", enabled=False):
-        out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"], False, prefix=prefix)
+        out = model(
+            batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"], False, prefix=prefix
+        )
     out.loss.backward()
     return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 

@@ -18,7 +18,7 @@ def test_caption_labels_cover_caption_and_end_marker_only(make_model):
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     assert ids[0] == processor.image_token_id and labels[0] == IGNORE_INDEX
     assert trained_text(processor, ids, labels) == "a red circle<|endofchunk|>"
-    assert batch["images"].shape == (1, 1, 3, 32, 32)
+    assert batch["pixel_values"].shape == (1, 1, 3, 32, 32)
 
 
 def test_chat_template_masks_the_prompt(make_model):
@@ -50,8 +50,8 @@ def test_padding_and_mixed_image_counts(make_model, side):
     images = [[shape_image("red")], [shape_image("blue"), shape_image("green")]]
     batch = processor(samples, images, padding_side=side)
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
-    assert batch["images"].shape[:2] == (2, 2)
-    assert torch.all(batch["images"][0, 1] == 0)  # the missing second image is zero padding
+    assert batch["pixel_values"].shape[:2] == (2, 2)
+    assert torch.all(batch["pixel_values"][0, 1] == 0)  # the missing second image is zero padding
     short = int(mask[0].sum())
     assert short < ids.shape[1]
     pad = slice(0, ids.shape[1] - short) if side == "left" else slice(short, None)
@@ -83,7 +83,7 @@ def test_prompt_helpers_for_inference(make_model):
         "<image>Question: what colour? Answer: blue<|endofchunk|>"
         "<image>Question: what colour? Answer:"
     )
-    assert batch["images"].shape[:2] == (1, 3)
+    assert batch["pixel_values"].shape[:2] == (1, 3)
     plain = processor.few_shot_segments([("", "a red circle")], "", style="caption")
     assert decode(processor([plain], [images[:2]])["input_ids"][0]) == "<image>a red circle<|endofchunk|><image>"
 

@@ -57,7 +57,7 @@ def test_default_vlm_forward_and_backward_on_a_batch_of_two(default_model):
         processor.chat_segments([("What is in the cup?", "Coffee.")]),
     ]
     batch = processor(segs, [[_photo("chelsea")], [_photo("coffee")]])
-    assert batch["images"].shape == (2, 1, 3, 320, 320)
+    assert batch["pixel_values"].shape == (2, 1, 3, 320, 320)
     model.train()
     out = model(**batch)
     out.loss.backward()
@@ -73,6 +73,6 @@ def test_default_cached_generation_equals_full_recomputation(default_model):
     model, processor = default_model
     segments = processor.chat_segments([("What is in this picture?", None)])
     batch = processor([segments], [[_photo("chelsea")]])
-    reference = model.greedy_generate(batch["images"], batch["input_ids"], 16)[0].tolist()
-    cached = model.generate(batch["images"], batch["input_ids"], max_new_tokens=16, stop_token_ids=())
+    reference = model.greedy_generate(batch["pixel_values"], batch["input_ids"], 16)[0].tolist()
+    cached = model.generate(batch["pixel_values"], batch["input_ids"], max_new_tokens=16, stop_token_ids=())
     assert cached.tokens[0] == reference

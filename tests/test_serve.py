@@ -117,7 +117,7 @@ def reference(srv, question, images=(), max_new_tokens=12):
     batch = processor([segments], [list(images)])
     result = generate(
         srv.model,
-        batch["images"],
+        batch["pixel_values"],
         batch["input_ids"],
         config=GenerationConfig(max_new_tokens=max_new_tokens),
         tokenizer=processor.tokenizer,

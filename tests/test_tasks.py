@@ -173,8 +173,9 @@ def _defaults(parser: argparse.ArgumentParser) -> dict:
 
 def test_decoding_defaults_come_from_the_tasks(model, sent):
     model, processor = model
-    assert _defaults(caption.build_parser())["max_new_tokens"] == CAPTION.decoding.max_new_tokens
-    assert _defaults(sketch2html.build_parser())["max_new_tokens"] == SKETCH.decoding.max_new_tokens
+    # The commands leave it to the checkpoint (its generation_config.json, else the task's).
+    assert _defaults(caption.build_parser())["max_new_tokens"] is None
+    assert _defaults(sketch2html.build_parser())["max_new_tokens"] is None
     caption_images(model, processor, [shape_image("red")])
     assert sent[-1].config == CAPTION.generation_config()
     sketch_to_html(model, processor, [shape_image("red")])
@@ -190,6 +191,17 @@ def test_decoding_defaults_come_from_the_tasks(model, sent):
         assert task.generation_config(do_sample=True).validate().prompt_lookup == 0
         assert task.generation_config(repetition_penalty=1.1).validate().prompt_lookup == 0
         assert task.generation_config(max_new_tokens=None).max_new_tokens == task.decoding.max_new_tokens
+
+
+def test_the_checkpoints_decoding_defaults_reach_the_tasks(model, sent, monkeypatch):
+    model, processor = model
+    monkeypatch.setattr(model, "generation_defaults", {"tasks": {"caption": {"max_new_tokens": 5}, "sketch": {}}})
+    caption_images(model, processor, [shape_image("red")])
+    assert sent[-1].config.max_new_tokens == 5
+    sketch_to_html(model, processor, [shape_image("red")])  # an empty entry: GenerationConfig's own defaults
+    assert (sent[-1].config.max_new_tokens, sent[-1].config.prompt_lookup) == (32, 0)
+    sketch_to_html(model, processor, [shape_image("red")], max_new_tokens=7)
+    assert sent[-1].config.max_new_tokens == 7
 
 
 # ---------------------------------------------------------------------- the commands

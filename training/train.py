@@ -142,7 +142,7 @@ def to_device(batch: dict, device: torch.device) -> dict:
 def forward_loss(model, batch: dict, autocast) -> torch.Tensor:
     with autocast:
         out = model(
-            batch["images"],
+            batch["pixel_values"],
             batch["input_ids"],
             batch["attention_mask"],
             batch["labels"],
@@ -229,7 +229,7 @@ def evaluate(model, core, cfg: TrainConfig, processor, d: Dist, autocast) -> dic
             continue
         batch = to_device(batch, d.device)
         with autocast:
-            out = model(batch["images"], batch["input_ids"], batch["attention_mask"], batch["labels"])
+            out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], batch["labels"])
         targets = batch["labels"][:, 1:]
         hit = (out.logits[:, :-1].argmax(-1) == targets) | (targets == -100)
         totals += torch.tensor([out.loss.item(), 1, hit.all(1).sum().item(), targets.shape[0]], device=d.device)

@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from .config import CrossAttnConfig, LMConfig, ResamplerConfig, VisionConfig, VLMConfig, get_preset, list_presets
     from .factory import create_model_and_transforms, from_pretrained, load_model, save_pretrained
     from .generate import GenerationConfig, generate
+    from .hub import push_to_hub
     from .model import VLM, VLMOutput
     from .processor import Processor, Segment
     from .tasks import caption_images, sketch_to_html
@@ -39,6 +40,7 @@ _EXPORTS = {
     "from_pretrained": "factory",
     "load_model": "factory",
     "save_pretrained": "factory",
+    "push_to_hub": "hub",
     "get_preset": "config",
     "list_presets": "config",
     "Chat": "chat",
@@ -62,6 +64,7 @@ __all__ = [
     "from_pretrained",
     "load_model",
     "save_pretrained",
+    "push_to_hub",
     "get_preset",
     "list_presets",
     "Chat",

@@ -34,7 +34,7 @@ class Chat:
         segments = VQA.conversation(self.processor, self.turns, question, num_images=len(self.images))
         batch = self.processor([segments], [self.images])
         device = next(self.model.parameters()).device  # the inputs go where the model is
-        images = None if batch["images"] is None else batch["images"].to(device)
+        images = None if batch["pixel_values"] is None else batch["pixel_values"].to(device)
         return batch["input_ids"].to(device), images
 
     def _session(self, images: torch.Tensor | None) -> Session:
@@ -43,8 +43,10 @@ class Chat:
         return self.session
 
     def ask(self, question: str, config: GenerationConfig | None = None, **overrides) -> str:
-        """Answer the next question; the answer becomes part of the conversation."""
+        """Answer the next question; the answer becomes part of the conversation. Decoding:
+        ``config`` (default: the checkpoint's question-answering defaults) and ``overrides``."""
         input_ids, images = self._prompt(question)
+        config = config or VQA.generation_config(self.model)
         with torch.inference_mode():
             session = self._session(images)
             result = generate(
@@ -63,6 +65,7 @@ class Chat:
     def ask_stream(self, question: str, config: GenerationConfig | None = None, **overrides) -> Iterator[str]:
         """Like :meth:`ask`, yielding the answer's text as it is generated."""
         input_ids, images = self._prompt(question)
+        config = config or VQA.generation_config(self.model)
         with torch.inference_mode():
             session = self._session(images)
         pieces = []

@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 
-DTYPES = ("float32", "bfloat16", "float16")
+from .apps import add_model_arguments
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,11 +33,9 @@ def build_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("image", metavar="IMAGE", help="the image file to ask about")
     add("questions", nargs="*", metavar="QUESTION", help="questions, asked in order (default: read from stdin)")
-    add("--model", metavar="DIR", help="checkpoint folder (default: the bundled model)")
+    add_model_arguments(parser)
     add("--preset", metavar="NAME", help="instead of --model: a vlm architecture preset with an untrained adapter")
-    add("--device", help="cpu, cuda, cuda:1… (default: cuda when available, else cpu)")
-    add("--dtype", choices=DTYPES, help="cast the model's weights to this type (default: as loaded)")
-    add("--max_new_tokens", type=int, metavar="N", default=64, help="longest answer in tokens (default: %(default)s)")
+    add("--max_new_tokens", type=int, metavar="N", help="longest answer in tokens (default: the checkpoint's)")
     return parser
 
 
@@ -58,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.model and args.preset:
         parser.error("--model and --preset exclude each other")
-    if args.max_new_tokens < 1:
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
         parser.error("--max_new_tokens must be at least 1")
     logging.basicConfig(format="%(name)s: %(message)s")  # vlm's progress notes (e.g. the first-run dequantising)
     logging.getLogger("vlm").setLevel(logging.INFO)
@@ -71,24 +69,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"{args.image}: cannot read it as an image ({e})")
 
     # torch and the model code only now: `vlm chat --help` answers at once.
-    import torch
-
     from .chat import Chat
-    from .factory import create_model_and_transforms, load_model
+    from .factory import create_model_and_transforms, load_model, place
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     start = time.perf_counter()
     try:
-        model, processor = (
-            create_model_and_transforms(args.preset, verbose=False)
-            if args.preset
-            else load_model(args.model, verbose=False)
-        )
-        model = model.to(device).eval()
-        if args.dtype:
-            model = model.to(getattr(torch, args.dtype))
+        if args.preset:
+            model, processor = create_model_and_transforms(args.preset, verbose=False)
+            model = place(model, args.device, args.dtype)
+        else:
+            model, processor = load_model(args.model, verbose=False, device=args.device, dtype=args.dtype)
+        model.eval()
     except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
-        parser.exit(2, f"{parser.prog}: error: cannot load the model on {device}: {e}\n")
+        parser.exit(2, f"{parser.prog}: error: cannot load the model on {args.device}: {e}\n")
     print(f"loaded in {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
     chat = Chat(model, processor, [image])
@@ -99,7 +92,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"Q: {question}")
         print("A: ", end="", flush=True)
         start = time.perf_counter()
-        for piece in chat.ask_stream(question, max_new_tokens=args.max_new_tokens):
+        limit = {} if args.max_new_tokens is None else {"max_new_tokens": args.max_new_tokens}
+        for piece in chat.ask_stream(question, **limit):
             print(piece, end="", flush=True)
         print(flush=True)
         print(f"   ({time.perf_counter() - start:.2f} s)", file=sys.stderr, flush=True)

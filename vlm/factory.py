@@ -7,6 +7,7 @@ trainable weights. The backbones are rebuilt from their sources on load.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 FORMAT = "vlm-checkpoint/1"
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
+CARD_FILE = "README.md"
 
 
 def _resolve_config(config: VLMConfig | str | dict | None) -> VLMConfig:
@@ -82,17 +84,48 @@ def apply_freezing(model: VLM) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
+def _shared_backbones(share: tuple[VLM, Processor], cfg: VLMConfig):
+    """The frozen tower and LM of ``share``'s model for a second adapter: new modules
+    (so each model has its own cross-attention blocks) holding the same tensors."""
+    base, processor = share
+    same = (base.config.vision, base.config.lm, base.config.new_tokens()) == (cfg.vision, cfg.lm, cfg.new_tokens())
+    if not same:
+        raise ValueError(
+            "sharing backbones needs the same vision tower, LM and added tokens: "
+            f"this config has vision={cfg.vision}, lm={cfg.lm}; the loaded model has "
+            f"vision={base.config.vision}, lm={base.config.lm}"
+        )
+    frozen = {
+        id(t): t
+        for module in (base.vision, base.lm)
+        for name, t in (*module.named_parameters(), *module.named_buffers())
+        if ".xattn." not in f".{name}"
+    }
+    vision, lm = copy.deepcopy(base.vision, frozen), copy.deepcopy(base.lm, frozen)
+    layers = find_decoder(lm)[1]
+    for i, layer in enumerate(layers):  # back to the bare decoder layers; this model's blocks go in below
+        layers[i] = layer.decoder_layer
+    return vision, processor.image_transform, lm, processor.tokenizer
+
+
 def create_model_and_transforms(
-    config: VLMConfig | str | dict | None = None, verbose: bool = True
+    config: VLMConfig | str | dict | None = None,
+    verbose: bool = True,
+    share: tuple[VLM, Processor] | None = None,
 ) -> tuple[VLM, Processor]:
     """A fresh model (untrained adapter) and its processor (tokenizer + image transform).
 
     ``config`` is a :class:`VLMConfig`, a preset name (``vlm/presets/*.json``), a dict,
-    or ``None`` for the default preset (offline backbones).
+    or ``None`` for the default preset (offline backbones). ``share``: a loaded
+    ``(model, processor)`` whose frozen vision tower and LM (the same config) the new model
+    uses too, tensor for tensor: a second adapter costs no second copy of the backbones.
     """
     cfg = _resolve_config(config)
-    vision, transform = create_vision_encoder(cfg.vision)
-    lm, tokenizer = load_causal_lm(cfg.lm.name, getattr(torch, cfg.lm.dtype))
+    if share is not None:
+        vision, transform, lm, tokenizer = _shared_backbones(share, cfg)
+    else:
+        vision, transform = create_vision_encoder(cfg.vision)
+        lm, tokenizer = load_causal_lm(cfg.lm.name, getattr(torch, cfg.lm.dtype))
     check_supported_lm(lm)
     new_ids = _add_media_tokens(tokenizer, cfg)
     image_id, eoc_id = tokenizer.convert_tokens_to_ids([cfg.image_token, cfg.end_of_chunk_token])
@@ -142,10 +175,25 @@ def create_model_and_transforms(
 # ---------------------------------------------------------------------- checkpoints
 
 
-def save_pretrained(model: VLM, path: str | os.PathLike, dtype: torch.dtype | None = None) -> Path:
-    """Write the trainable weights and the config to ``path``, atomically: a reader sees
-    the old folder or the complete new one, never a half-written one. ``dtype`` (e.g.
-    ``torch.bfloat16``) stores the weights smaller; loading casts them back."""
+def save_pretrained(
+    model: VLM,
+    path: str | os.PathLike,
+    dtype: torch.dtype | None = None,
+    *,
+    model_card: str | None = None,
+    push_to_hub: bool = False,
+    repo_id: str | None = None,
+    **hub_kwargs,
+) -> Path:
+    """Write the checkpoint folder ``path``, atomically: a reader sees the old folder or
+    the complete new one, never a half-written one. It holds the trainable weights, the
+    config, the decoding defaults (``generation_config.json``) and a model card
+    (``README.md``: ``model_card``, else the one already in ``path``, else one written from
+    the config). ``dtype`` (e.g. ``torch.bfloat16``) stores the weights smaller; loading
+    casts them back. ``push_to_hub=True`` then uploads the folder to ``repo_id`` (default:
+    the folder's name); ``hub_kwargs`` go to :func:`vlm.hub.push_to_hub`."""
+    from .tasks import GENERATION_CONFIG_FILE, default_generation_config
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {
@@ -158,9 +206,23 @@ def save_pretrained(model: VLM, path: str | os.PathLike, dtype: torch.dtype | No
         "cross_attn_layers": model.cross_attn_layers,
         "trainable_parameters": sum(v.numel() for v in state.values()),
     }
+    card = path / CARD_FILE
+    if model_card is None and card.is_file():
+        model_card = card.read_text()
+    if model_card is None:
+        from .hub import model_card_text
+
+        model_card = model_card_text(model.config, meta, repo_id)
+    decoding = model.generation_defaults or default_generation_config()
     with atomic_folder(path) as tmp:
         save_file(state, tmp / WEIGHTS_FILE, metadata={"format": FORMAT})
         (tmp / CONFIG_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        (tmp / GENERATION_CONFIG_FILE).write_text(json.dumps(decoding, indent=2) + "\n")
+        (tmp / CARD_FILE).write_text(model_card)
+    if push_to_hub:
+        from .hub import upload_folder
+
+        upload_folder(path, repo_id or path.name, **hub_kwargs)
     return path
 
 
@@ -241,35 +303,72 @@ def load_model(
     verbose: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    **hub_kwargs,
 ) -> tuple[VLM, Processor]:
-    """What the applications load: a checkpoint folder, or by default the bundled model
-    (``vlm/weights/default``); without one, the default preset with an untrained adapter.
-
-    ``device``: where the model goes (``"auto"``: see :func:`resolve_device`; ``None``:
-    it stays on the CPU it is built on). ``dtype``: every weight cast to it (a torch dtype
-    or ``float32``/``bfloat16``/``float16``); ``None`` or ``"auto"`` keep the stored ones
-    (the frozen LM in its config's ``lm.dtype``, the adapter as saved)."""
-    cast = resolve_dtype(dtype)
+    """What the applications load: ``path`` (a checkpoint folder or Hub repo id, see
+    :func:`from_pretrained`), or by default the bundled model (``vlm/weights/default``);
+    without one, the default preset with an untrained adapter."""
     if path is not None:
-        model, processor = from_pretrained(path, verbose=verbose)
-    elif (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
-        model, processor = from_pretrained(DEFAULT_CHECKPOINT, verbose=verbose)
-    else:
-        if verbose:
-            log.warning("no bundled checkpoint found; using the default preset with an untrained adapter")
-        model, processor = create_model_and_transforms(verbose=verbose)
+        return from_pretrained(path, verbose=verbose, device=device, dtype=dtype, **hub_kwargs)
+    if (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
+        return from_pretrained(DEFAULT_CHECKPOINT, verbose=verbose, device=device, dtype=dtype)
+    if verbose:
+        log.warning("no bundled checkpoint found; using the default preset with an untrained adapter")
+    model, processor = create_model_and_transforms(verbose=verbose)
+    return place(model, device, dtype), processor
+
+
+def place(model: VLM, device: str | torch.device | None, dtype: str | torch.dtype | None) -> VLM:
+    """``model`` moved to ``device`` and cast to ``dtype`` (see :func:`from_pretrained`)."""
+    if dtype == "auto":
+        dtype = torch.bfloat16 if device is not None and resolve_device(device).type == "cuda" else None
+    cast = resolve_dtype(dtype)
     if device is not None or cast is not None:
         model.to(device=resolve_device(device) if device is not None else None, dtype=cast)
-    return model, processor
+    return model
 
 
-def from_pretrained(path: str | os.PathLike, verbose: bool = True) -> tuple[VLM, Processor]:
-    """Rebuild the backbones named in ``path/config.json`` and load the trainable weights."""
-    cfg, meta = load_config(path)
-    model, processor = create_model_and_transforms(cfg, verbose=verbose)
+def from_pretrained(
+    path: str | os.PathLike,
+    verbose: bool = True,
+    device: str | torch.device | None = None,
+    dtype: str | torch.dtype | None = None,
+    *,
+    revision: str | None = None,
+    local_files_only: bool = False,
+    cache_dir: str | os.PathLike | None = None,
+    token: str | bool | None = None,
+    share: tuple[VLM, Processor] | None = None,
+) -> tuple[VLM, Processor]:
+    """Load a checkpoint: rebuild the backbones named in its ``config.json`` and load the
+    trainable weights. ``share``: a loaded ``(model, processor)`` on the same backbones,
+    whose tensors the new model uses instead of loading them again (two adapters, one LM).
+
+    ``path``: a checkpoint folder, or a Hugging Face Hub repo id (``owner/name``) fetched
+    through the Hub cache at ``revision`` (with ``local_files_only=True`` or
+    ``HF_HUB_OFFLINE=1``: from the cache only). ``device``: where the model goes
+    (``"auto"``: see :func:`resolve_device`; ``None``: the CPU it is built on). ``dtype``:
+    every weight cast to it (a torch dtype or ``float32``/``bfloat16``/``float16``;
+    ``"auto"`` picks bfloat16 on CUDA); ``None`` keeps the stored ones (the frozen LM in
+    its config's ``lm.dtype``, the adapter as saved)."""
+    from .hub import resolve_checkpoint
+    from .tasks import GENERATION_CONFIG_FILE, check_generation_config
+
+    folder = resolve_checkpoint(
+        path, revision=revision, local_files_only=local_files_only, cache_dir=cache_dir, token=token
+    )
+    cfg, meta = load_config(folder)
+    model, processor = create_model_and_transforms(cfg, verbose=verbose, share=share)
     saved = meta.get("added_tokens", {})
     now = added_token_ids(model)
     if saved and saved != now:
         raise ValueError(f"{path}: added token ids {saved} differ from this tokenizer's {now}")
-    load_trainable(model, load_file(Path(path) / WEIGHTS_FILE), source=str(Path(path) / WEIGHTS_FILE))
-    return model, processor
+    load_trainable(model, load_file(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
+    decoding = folder / GENERATION_CONFIG_FILE
+    if decoding.is_file():
+        try:
+            data = json.loads(decoding.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{decoding}: not valid JSON ({e})") from None
+        model.generation_defaults = check_generation_config(data, str(decoding))
+    return place(model, device, dtype), processor

@@ -9,8 +9,10 @@ and a new turn only runs its new tokens. The model itself is never written to.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -66,6 +68,25 @@ class GenerationConfig:
         if self.prompt_lookup and (self.do_sample or self.num_beams > 1 or self.repetition_penalty != 1.0):
             raise ValueError("prompt_lookup is exact for plain greedy decoding only (no sampling, beams or penalty)")
         return self
+
+    @classmethod
+    def supported(cls) -> tuple[str, ...]:
+        """The option names, as :func:`generate` takes them."""
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def replace(self, **overrides: Any) -> GenerationConfig:
+        """A copy with ``overrides`` set; an unknown name is an error that lists the options."""
+        unknown = sorted(set(overrides) - set(self.supported()))
+        if unknown:
+            raise TypeError(
+                f"unknown generation option{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                f"supported: {', '.join(self.supported())}"
+            )
+        return dataclasses.replace(self, **overrides)
+
+
+def _resolve(config: GenerationConfig | None, overrides: dict[str, Any]) -> GenerationConfig:
+    return (config or GenerationConfig()).replace(**overrides).validate()
 
 
 # ---------------------------------------------------------------------- logits
@@ -367,7 +388,7 @@ def generate(
     Keyword overrides set fields of ``config`` (e.g. ``max_new_tokens=8``);
     ``cache_media_kv``/``use_cache`` select the baselines described on :class:`Session`.
     """
-    cfg = GenerationConfig(**{**(config.__dict__ if config else {}), **overrides}).validate()
+    cfg = _resolve(config, overrides)
     if session is None:
         session = Session(model, images, cache_media_kv=cache_media_kv, use_cache=use_cache)
     elif images is not None:
@@ -396,7 +417,7 @@ def stream(
     decoder's replacement character at the end means bytes are still missing) and
     never text that might still turn out to start a stop string.
     """
-    cfg = GenerationConfig(**{**(config.__dict__ if config else {}), **overrides}).validate()
+    cfg = _resolve(config, overrides)
     if cfg.num_beams > 1:
         raise ValueError("streaming works with greedy decoding and sampling, not beam search")
     if input_ids.shape[0] != 1:

@@ -18,6 +18,13 @@ from .xattn import MediaState
 IGNORE_INDEX = -100
 
 
+def _pixels(pixel_values: torch.Tensor | None, images: torch.Tensor | None) -> torch.Tensor | None:
+    """The image batch under either name (``images`` is the old one)."""
+    if images is not None and pixel_values is not None:
+        raise TypeError("pass pixel_values or images (its old name), not both")
+    return pixel_values if pixel_values is not None else images
+
+
 @dataclass
 class VLMOutput:
     loss: torch.Tensor | None
@@ -51,6 +58,8 @@ class VLM(nn.Module):
         self.embed = TokenEmbedding(base_in, new_token_ids or [image_token_id, end_of_chunk_token_id])
         tied = base_out.weight is base_in.weight
         self.head = OutputHead(base_out, self.embed, tied, config.lm.vocab_size)
+        self.generation_defaults: dict | None = None
+        """The checkpoint's decoding defaults (``generation_config.json``; see :mod:`vlm.tasks`)."""
         self._decoder = [find_decoder(lm)[0]]  # a reference: it is already a submodule of lm
         # transformers renamed the decoders' cache argument (past_key_values in 5.17, cache
         # in 5.24); a wrong name lands in **kwargs unread and the cache silently stays empty.
@@ -178,20 +187,26 @@ class VLM(nn.Module):
 
     def forward(
         self,
-        images: torch.Tensor | None,
-        input_ids: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         return_logits: bool = True,
         prefix: torch.Tensor | None = None,
+        *,
+        images: torch.Tensor | None = None,
     ) -> VLMOutput:
-        """``images`` (B, T, C, H, W); ``input_ids``, ``attention_mask``, ``labels`` (B, S);
-        ``prefix`` (B, S, D), optional: see :meth:`hidden_states`.
+        """``pixel_values`` (B, T, C, H, W) (``images``: its old name); ``input_ids``,
+        ``attention_mask``, ``labels`` (B, S); ``prefix`` (B, S, D), optional: see
+        :meth:`hidden_states`. ``model(**processor(...))`` works as it is.
 
         Labels are aligned with ``input_ids`` (shifted here); ``-100`` is ignored. With
         ``return_logits=False`` logits are computed only where labels are, which is
         what training needs and is markedly cheaper for a large vocabulary.
         """
+        images = _pixels(pixel_values, images)
+        if input_ids is None:
+            raise TypeError("forward() needs input_ids")
         media = None
         if images is not None:
             media = self.media_state(self.encode_images(images), input_ids)
@@ -210,11 +225,33 @@ class VLM(nn.Module):
                 loss = F.cross_entropy(picked.float(), targets[keep]) if picked.shape[0] else picked.sum() * 0.0
         return VLMOutput(loss=loss, logits=logits)
 
-    def generate(self, images: torch.Tensor | None, input_ids: torch.Tensor, attention_mask=None, **kwargs):
-        """Cached generation; see :func:`vlm.generate.generate` for the options."""
-        from .generate import generate  # generate.py builds on this module
+    def generate(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        *,
+        images: torch.Tensor | None = None,
+        **kwargs,
+    ):
+        """Cached generation: ``model.generate(**processor(...), max_new_tokens=8)``. A
+        right-padded batch is re-padded on the left; ``labels`` (in the processor's batch)
+        are not used. Options not given come from the checkpoint's ``generation_config.json``
+        (its top level). See :func:`vlm.generate.generate` for the options."""
+        from .generate import GenerationConfig, generate  # generate.py builds on this module
 
-        return generate(self, images, input_ids, attention_mask, **kwargs)
+        del labels
+        if input_ids is None:
+            raise TypeError("generate() needs input_ids")
+        shared = {k: v for k, v in (self.generation_defaults or {}).items() if k != "tasks"}
+        if shared and kwargs.get("config") is None:
+            kwargs["config"] = GenerationConfig().replace(**shared)
+        if attention_mask is not None:
+            # A stable sort of the mask moves each row's padding to its front, tokens in order.
+            order = attention_mask.argsort(dim=1, stable=True)
+            input_ids, attention_mask = input_ids.gather(1, order), attention_mask.gather(1, order)
+        return generate(self, _pixels(pixel_values, images), input_ids, attention_mask, **kwargs)
 
     @torch.no_grad()
     def greedy_generate(

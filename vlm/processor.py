@@ -16,6 +16,7 @@ end a chat turn.
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -31,6 +32,23 @@ _OPEN, _CLOSE = "\ufdd0", "\ufdd1"
 # A wrapped piece, or a lone marker (a template that split a wrapped token): splitting on
 # this gives [markup, escaped, markup, escaped, ..., markup], None for a lone marker.
 _ESCAPED = re.compile(f"{_OPEN}([^{_OPEN}{_CLOSE}]*){_CLOSE}|[{_OPEN}{_CLOSE}]")
+
+
+class Batch(dict):
+    """What the processor returns: a dict of tensors (``model(**batch)`` and
+    ``model.generate(**batch)`` take it as it is) with :meth:`to`. The images are under
+    ``pixel_values``; the old key ``images`` still reads them, with a deprecation warning,
+    until the next release."""
+
+    def __getitem__(self, key):
+        if key == "images" and "images" not in self:
+            warnings.warn('batch["images"] is deprecated; the key is "pixel_values"', DeprecationWarning, stacklevel=2)
+            key = "pixel_values"
+        return super().__getitem__(key)
+
+    def to(self, device: torch.device | str) -> Batch:
+        """The batch with every tensor on ``device``."""
+        return Batch({k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in self.items()})
 
 
 @dataclass
@@ -262,10 +280,11 @@ class Processor:
         samples: Sequence[Sequence[Segment] | str],
         images: Sequence[Sequence[Image.Image]] | None = None,
         padding_side: str = "right",
-    ) -> dict[str, torch.Tensor | None]:
+    ) -> Batch:
         """A padded batch: ``input_ids``, ``attention_mask``, ``labels`` (B, S) and
-        ``images`` (B, T, C, H, W) (zeros where a sample has fewer than T images; ``None``
-        when no sample has an image). A plain string sample is interleaved text."""
+        ``pixel_values`` (B, T, C, H, W) (zeros where a sample has fewer than T images;
+        ``None`` when no sample has an image). A plain string sample is interleaved text.
+        Generation takes either padding side (a right-padded batch is re-padded on the left)."""
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
         images = images if images is not None else [[] for _ in samples]
@@ -285,7 +304,7 @@ class Processor:
             pixel_lists.append(self.transform_images(imgs, i)[:n_markers])
         return self.collate(encoded, pixel_lists, padding_side)
 
-    def collate(self, encoded, pixel_lists, padding_side: str = "right") -> dict[str, torch.Tensor | None]:
+    def collate(self, encoded, pixel_lists, padding_side: str = "right") -> Batch:
         length = max(len(ids) for ids, _ in encoded)
         batch = len(encoded)
         input_ids = torch.full((batch, length), self.pad_token_id, dtype=torch.long)
@@ -304,4 +323,4 @@ class Processor:
             for i, plist in enumerate(pixel_lists):
                 for j, px in enumerate(plist):
                     pixels[i, j] = px
-        return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, "images": pixels}
+        return Batch(input_ids=input_ids, attention_mask=attention_mask, labels=labels, pixel_values=pixels)

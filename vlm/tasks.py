@@ -105,13 +105,17 @@ class Task:
         query with its image: k + 1 images in all, in that order."""
         raise NotImplementedError
 
-    def generation_config(self, **overrides: Any) -> GenerationConfig:
-        """A :class:`~vlm.generate.GenerationConfig` with this task's defaults; ``overrides``
-        set any field (``None`` keeps the default)."""
+    def generation_config(self, model: VLM | None = None, **overrides: Any) -> GenerationConfig:
+        """A :class:`~vlm.generate.GenerationConfig` for this task: the defaults of
+        ``model``'s checkpoint (its ``generation_config.json``) when it has them, else this
+        task's own; ``overrides`` set any field (``None`` keeps the default)."""
         from .generate import GenerationConfig
 
         given = {k: v for k, v in overrides.items() if v is not None}
-        config = GenerationConfig(**{**dataclasses.asdict(self.decoding), **given})
+        saved = getattr(model, "generation_defaults", None) or {}
+        shared = {k: v for k, v in saved.items() if k != "tasks"}
+        own = saved.get("tasks", {}).get(self.name, dataclasses.asdict(self.decoding))
+        config = GenerationConfig().replace(**{**shared, **own, **given})
         greedy = not config.do_sample and config.num_beams == 1 and config.repetition_penalty == 1.0
         if "prompt_lookup" not in given and not greedy:
             config.prompt_lookup = 0  # drafts are exact for plain greedy decoding only
@@ -224,6 +228,45 @@ def for_kind(kind: str) -> Task:
         raise ValueError(f"unknown sample format {kind!r}; formats: {', '.join(_BY_KIND)}") from None
 
 
+# ---------------------------------------------------------------------- generation_config.json
+
+GENERATION_CONFIG_FILE = "generation_config.json"
+"""A checkpoint's decoding defaults: top-level :class:`~vlm.generate.GenerationConfig`
+fields for ``model.generate`` and every task, and under ``"tasks"`` each task's own
+(``{"tasks": {"sketch": {"max_new_tokens": 400, "prompt_lookup": 4}, ...}}``)."""
+
+
+def default_generation_config() -> dict[str, Any]:
+    """What a checkpoint without ``generation_config.json`` decodes with: each task's
+    :class:`Decoding`."""
+    return {"tasks": {name: dataclasses.asdict(task.decoding) for name, task in TASKS.items()}}
+
+
+def check_generation_config(data: Any, source: str) -> dict[str, Any]:
+    """``data`` as read from ``source``, checked: known fields with valid values only."""
+    from .generate import GenerationConfig
+
+    if not isinstance(data, dict) or not isinstance(data.get("tasks", {}), dict):
+        raise ValueError(f"{source}: expected an object of generation options with an optional 'tasks' object")
+    sections = {"top level": {k: v for k, v in data.items() if k != "tasks"}}
+    unknown_tasks = sorted(set(data.get("tasks", {})) - set(TASKS))
+    if unknown_tasks:
+        raise ValueError(f"{source}: unknown task {', '.join(unknown_tasks)}; tasks: {', '.join(TASKS)}")
+    sections.update({f"tasks.{k}": v for k, v in data.get("tasks", {}).items()})
+    for where, options in sections.items():
+        if not isinstance(options, dict):
+            raise ValueError(f"{source}: {where} must be an object of generation options")
+        try:
+            GenerationConfig().replace(**sections["top level"]).replace(**options).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {where}: {e}") from None
+    for options in sections.values():  # JSON lists where the config holds tuples
+        for key in ("stop_token_ids", "stop_strings"):
+            if isinstance(options.get(key), list):
+                options[key] = tuple(options[key])
+    return {**sections["top level"], "tasks": {k[len("tasks.") :]: v for k, v in sections.items() if k != "top level"}}
+
+
 # ---------------------------------------------------------------------- running them
 
 
@@ -241,7 +284,7 @@ def generate_texts(
 
     batch = processor([segments] * len(images), [[image] for image in images], padding_side="left")
     device = next(model.parameters()).device
-    tensors = [batch[name].to(device) for name in ("images", "input_ids", "attention_mask")]
+    tensors = [batch[name].to(device) for name in ("pixel_values", "input_ids", "attention_mask")]
     with torch.inference_mode():
         result = generate(model, *tensors, config=config, tokenizer=processor.tokenizer)
     return list(result.texts or [])
@@ -255,10 +298,10 @@ def caption_images(
     config: GenerationConfig | None = None,
 ) -> list[str]:
     """One stripped caption per image. ``prompt=None``: :data:`CAPTION_PROMPT` for a chat
-    LM, none otherwise; ``config=None``: :data:`CAPTION`'s decoding defaults."""
+    LM, none otherwise; ``config=None``: the checkpoint's caption decoding defaults."""
     if not images:
         return []
-    config = config or CAPTION.generation_config()
+    config = config or CAPTION.generation_config(model)
     return [
         text.strip() for text in generate_texts(model, processor, CAPTION.prompt(processor, prompt), images, config)
     ]
@@ -273,12 +316,12 @@ def sketch_to_html(
 ) -> list[tuple[str, list[str]]]:
     """A complete HTML document and the list of repairs it needed, per sketch: the model's
     body HTML made well-formed and safe (:func:`vlm.html.repair_html`) inside the page
-    shell (:func:`vlm.html.document`). ``max_new_tokens=None``: :data:`SKETCH`'s default."""
+    shell (:func:`vlm.html.document`). ``max_new_tokens=None``: the checkpoint's default."""
     from .html import document, repair_html
 
     if not images:
         return []
-    config = SKETCH.generation_config(max_new_tokens=max_new_tokens, num_beams=num_beams)
+    config = SKETCH.generation_config(model, max_new_tokens=max_new_tokens, num_beams=num_beams)
     pages = []
     for text in generate_texts(model, processor, SKETCH.prompt(processor), images, config):
         body, problems = repair_html(text)

@@ -89,12 +89,12 @@ def predict(model, processor, task: Task, items, pool, shots, seed, batch_size) 
 
     out: list[str] = []
     pairs = list(prompts(processor, task, items, pool, shots, seed))
-    config = task.generation_config()
+    config = task.generation_config(model)
     device = next(model.parameters()).device
     for start in tqdm(range(0, len(pairs), batch_size), desc=f"{shots}-shot", unit="batch", leave=False):
         chunk = pairs[start : start + batch_size]
         batch = processor([s for s, _ in chunk], [imgs for _, imgs in chunk], padding_side="left")
-        tensors = [batch[k].to(device) for k in ("images", "input_ids", "attention_mask")]
+        tensors = [batch[k].to(device) for k in ("pixel_values", "input_ids", "attention_mask")]
         with torch.inference_mode():
             result = generate(model, *tensors, config=config, tokenizer=processor.tokenizer)
         out.extend(t.strip() for t in result.texts)

@@ -24,7 +24,9 @@ def _device(text: str) -> str:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """``--model``, ``--device`` and ``--dtype``, which every inference command takes and
     passes to :func:`vlm.factory.load_model`."""
-    parser.add_argument("--model", metavar="DIR", help="checkpoint folder (default: the bundled model)")
+    parser.add_argument(
+        "--model", metavar="DIR", help="checkpoint folder or Hub repo id owner/name (default: the bundled model)"
+    )
     parser.add_argument(
         "--device",
         type=_device,
@@ -36,5 +38,5 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--dtype",
         choices=DTYPES,
         default="auto",
-        help="cast the weights to this dtype (default: auto: as stored, float32 for the bundled model)",
+        help="cast the weights to this dtype (default: auto: bfloat16 on CUDA, else as stored)",
     )

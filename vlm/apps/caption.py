@@ -33,6 +33,7 @@ from vlm.tasks import CAPTION, CAPTION_PROMPT
 if TYPE_CHECKING:
     from PIL import Image
 
+    from vlm.generate import GenerationConfig
     from vlm.model import VLM
     from vlm.processor import Processor
 
@@ -291,8 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("--format", choices=["jsonl", "csv"], help="default: from the --out extension, else jsonl")
     add("--batch_size", type=int, metavar="N", default=8, help="default: %(default)s")
     add("--prompt", metavar="TEXT", help=f"default: {CAPTION_PROMPT!r}; LMs without a chat template: none")
-    decoding = CAPTION.decoding
-    add("--max_new_tokens", type=int, metavar="N", default=decoding.max_new_tokens, help="default: %(default)s")
+    add(
+        "--max_new_tokens",
+        type=int,
+        metavar="N",
+        help=f"default: the checkpoint's, else {CAPTION.decoding.max_new_tokens}",
+    )
     add("--num_beams", type=int, metavar="N", default=1, help="beam search when > 1 (default: %(default)s)")
     add("--sample", action="store_true", help="sample instead of greedy decoding")
     add("--temperature", type=float, default=1.0, help="with --sample (default: %(default)s)")
@@ -307,15 +312,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(format="%(name)s: %(message)s")  # vlm's progress notes (e.g. the first-run dequantising)
     logging.getLogger("vlm").setLevel(logging.INFO)
-    if min(args.batch_size, args.max_new_tokens, args.num_beams, args.max_pixels) < 1:
+    if min(args.batch_size, args.max_new_tokens or 1, args.num_beams, args.max_pixels) < 1:
         parser.error("--batch_size, --max_new_tokens, --num_beams and --max_pixels must be at least 1")
     fmt = args.format or ("csv" if args.out.suffix.lower() == ".csv" else "jsonl")
     from tqdm import tqdm
 
     from vlm.factory import load_model
+    from vlm.hub import is_repo_id
     from vlm.tasks import caption_images
 
-    config = CAPTION.generation_config(
+    decoding = dict(
         max_new_tokens=args.max_new_tokens,
         num_beams=args.num_beams,
         do_sample=args.sample,
@@ -324,11 +330,12 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
     )
     try:
-        config.validate()
+        CAPTION.generation_config(**decoding).validate()  # the user's settings, checked before loading
     except ValueError as e:
         parser.error(str(e))
-    if args.model is not None and not (Path(args.model) / "config.json").is_file():
-        parser.error(f"--model {args.model}: not a vlm checkpoint folder (no config.json)")
+    if args.model is not None and not (Path(args.model) / "config.json").is_file() and not is_repo_id(args.model):
+        what = "no config.json" if Path(args.model).is_dir() else "no such folder, nor a Hub repo id owner/name"
+        parser.error(f"--model {args.model}: not a vlm checkpoint folder ({what})")
     files, shards, problems = collect_inputs(args.inputs, args.list)
     if problems:
         parser.error("; ".join(problems))
@@ -339,14 +346,15 @@ def main(argv: list[str] | None = None) -> int:
         out, done = open_output(args.out, fmt)
     except (OSError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: --out {args.out}: {e}\n")
-    loaded: list[tuple[VLM, Processor]] = []
+    loaded: list[tuple[VLM, Processor, GenerationConfig]] = []
 
-    def model() -> tuple[VLM, Processor]:
+    def model() -> tuple[VLM, Processor, GenerationConfig]:
         # Loaded on first need: a finished job's rerun returns at once instead of loading backbones.
         if not loaded:
             try:
                 vlm_model, processor = load_model(args.model, verbose=False, device=args.device, dtype=args.dtype)
-                loaded.append((vlm_model.eval(), processor))
+                config = CAPTION.generation_config(vlm_model, **decoding).validate()  # the checkpoint's defaults
+                loaded.append((vlm_model.eval(), processor, config))
             except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
                 parser.exit(2, f"{parser.prog}: error: cannot load the model on {args.device}: {e}\n")
         return loaded[0]
@@ -358,7 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     def flush() -> None:
         nonlocal captioned, failed
         images = [image for _, image, _ in pending if image is not None]
-        captions = iter(caption_images(*model(), images, args.prompt, config) if images else [])
+        if images:
+            vlm_model, processor, config = model()
+            captions = iter(caption_images(vlm_model, processor, images, args.prompt, config))
         records = [
             encode_row(fmt, item_id, None if image is None else next(captions), error)
             for item_id, image, error in pending

@@ -32,7 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("sketches", nargs="+", type=Path, metavar="SKETCH", help="sketch image files")
     add_model_arguments(parser)
     parser.add_argument("--out_dir", type=Path, help="folder for the pages (default: next to each sketch)")
-    parser.add_argument("--max_new_tokens", type=_positive, default=SKETCH.decoding.max_new_tokens)
+    parser.add_argument(
+        "--max_new_tokens", type=_positive, help=f"default: the checkpoint's, else {SKETCH.decoding.max_new_tokens}"
+    )
     parser.add_argument("--num_beams", type=_positive, default=1)
     parser.add_argument("--batch_size", type=_positive, default=4, help="sketches per generation batch")
     parser.add_argument("--render", action="store_true", help="also save a PNG screenshot of each page")
