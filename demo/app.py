@@ -1,13 +1,22 @@
-"""The vlm Streamlit demo: ask about an image, caption a batch, turn a sketch into HTML.
+"""The vlm Streamlit demo: ask about an image, caption a batch, turn a sketch into HTML,
+and rate or correct what the model gave.
 
 streamlit run demo/app.py                  # the bundled model
 VLM_DEMO_MODEL=runs/x/step-000500/model streamlit run demo/app.py
 VLM_DEMO_MODELS=runs/a/model:runs/b/model streamlit run demo/app.py -- --model runs/c/model
+VLM_DEMO_FEEDBACK=/srv/feedback streamlit run demo/app.py   # or -- --feedback DIR; "off": none kept
+streamlit run demo/app.py -- --device cuda --dtype bfloat16   # default auto: CUDA and bf16 when present
 
 Visitors choose only among the model folders the operator lists: ``VLM_DEMO_MODEL`` (the
 default; unset means the bundled model), then ``VLM_DEMO_MODELS`` (``os.pathsep``
 separated) and each ``--model`` after ``--``. A checkpoint folder rebuilds backbones from
 the sources it names, so a typed path would let a visitor load anything on the server.
+
+Ratings (👍 / 👎) and corrections go to the feedback folder (``feedback/`` in the working
+directory unless set) through :mod:`vlm.feedback`; ``vlm data feedback`` turns them into
+training shards. Results live in ``st.session_state``, so reruns (a sidebar control, a
+download) keep them. Decoding starts from each task's defaults for the loaded checkpoint
+(``Task.generation_config(model)``), as in the command-line tools.
 """
 
 from __future__ import annotations
@@ -17,42 +26,73 @@ import csv
 import hashlib
 import html
 import io
+import json
 import logging
 import os
+import re
 import sys
+import uuid
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import streamlit as st
-import streamlit.components.v1 as components
+from html_view import format_body
+from model_card import read_card
+from timing import Timing, timed_stream
 
 from vlm import load_model
 from vlm.chat import Chat
+from vlm.factory import DEFAULT_CHECKPOINT
+from vlm.feedback import FeedbackLog, Record
+from vlm.html import document, repair_html
 from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
-from vlm.tasks import CAPTION, SKETCH, VQA, caption_images, sketch_to_html
+from vlm.tasks import CAPTION, SKETCH, SKETCH_PROMPT, VQA, caption_images
 
 if TYPE_CHECKING:
     from vlm import VLM, Processor
+    from vlm.generate import GenerationConfig
     from vlm.tasks import Task
 
 EXAMPLES = Path(__file__).parent / "examples"
+MANIFEST = EXAMPLES / "examples.json"
 MAX_PIXELS = int(os.environ.get("VLM_DEMO_MAX_PIXELS", DEFAULT_MAX_PIXELS))
 BUNDLED = "bundled model"
 MAX_LOADED_MODELS = 2  # a real model holds ~0.6 GB: visitors switching models must not fill the memory
+FEEDBACK_OFF = ("off", "none", "no")
+RATING = {0: "down", 1: "up"}  # st.feedback("thumbs") values
 
 log = logging.getLogger(__name__)
 
 
-def model_folders(argv: list[str] | None = None) -> list[str]:
-    """The operator's model folders, the default first; "" is the bundled model."""
+# ---------------------------------------------------------------------- the operator's options
+
+
+def demo_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """The demo's own arguments (after ``--`` on the ``streamlit run`` line)."""
     parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
     parser.add_argument("--model", action="append", default=[])
-    extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0].model
+    parser.add_argument("--feedback")
+    parser.add_argument("--device", default="auto")  # as every inference command's (vlm.apps)
+    parser.add_argument("--dtype", default="auto")
+    return parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0]
+
+
+def model_folders(argv: list[str] | None = None) -> list[str]:
+    """The operator's model folders, the default first; "" is the bundled model."""
+    extra = demo_options(argv).model
     listed = [*os.environ.get("VLM_DEMO_MODELS", "").split(os.pathsep), *extra]
     default = os.environ.get("VLM_DEMO_MODEL", "").strip()
     folders = [os.path.normpath(default) if default else ""]
     folders += [os.path.normpath(p.strip()) for p in listed if p.strip()]
     return list(dict.fromkeys(folders))
+
+
+def feedback_folder(argv: list[str] | None = None) -> Path | None:
+    """Where ratings and corrections go: ``--feedback DIR``, else ``$VLM_DEMO_FEEDBACK``,
+    else ``feedback/`` in the working directory; None when set to ``off``."""
+    chosen = demo_options(argv).feedback or os.environ.get("VLM_DEMO_FEEDBACK", "").strip() or "feedback"
+    return None if chosen.lower() in FEEDBACK_OFF else Path(chosen)
 
 
 def allowed_models() -> dict[str, str]:
@@ -73,7 +113,8 @@ def get_model(folder: str):
     # One model per allowed folder, shared by every session: it holds no per-request state.
     if folder not in allowed_models().values():
         raise ValueError("not one of the models this demo offers")
-    return load_model(folder or None, verbose=False)
+    options = demo_options()
+    return load_model(folder or None, verbose=False, device=options.device, dtype=options.dtype)
 
 
 def short_reason(error: Exception) -> str:
@@ -82,9 +123,10 @@ def short_reason(error: Exception) -> str:
     return text if len(text) <= 300 else text[:299] + "…"
 
 
-def pick_model() -> tuple[VLM, Processor]:
-    """The visitor's choice among the allowed models; if it does not load, say why and fall
-    back to the model this session used before, else the default; stop when none loads."""
+def pick_model() -> tuple[VLM, Processor, str]:
+    """The visitor's choice among the allowed models and its name; if it does not load, say
+    why and fall back to the model this session used before, else the default; stop when
+    none loads."""
     models = allowed_models()
     names = list(models)
     choice = st.sidebar.selectbox("Model", names, key="model") if len(names) > 1 else names[0]
@@ -103,13 +145,43 @@ def pick_model() -> tuple[VLM, Processor]:
         if problem:
             st.error(f"{problem}. Using {name!r} instead.")
         st.session_state.model_in_use = name
-        return model, processor
+        return model, processor, name
     st.error(f"{problem}.")
     st.stop()
 
 
-def example_names() -> list[str]:
-    return sorted(p.name for p in EXAMPLES.glob("*.png"))
+def model_path(name: str) -> Path:
+    folder = allowed_models()[name]
+    return Path(folder) if folder else DEFAULT_CHECKPOINT
+
+
+def model_panel(name: str) -> None:
+    """What is loaded, what it was trained on, how it measures, where it fails."""
+    card = read_card(model_path(name), name)
+    with st.expander(f"Model: {name} — {card.title}", expanded=False):
+        if card.summary:
+            st.markdown(card.summary)
+        st.markdown("\n".join(f"- **{what}:** {plain(value)}" for what, value in card.facts))
+        if card.sections:
+            for tab, (title, text) in zip(st.tabs(list(card.sections)), card.sections.items()):
+                with tab:
+                    st.markdown(text)
+                    st.caption(f"From the model card, {model_path(name) / 'README.md'} ({title}).")
+
+
+# ---------------------------------------------------------------------- images and examples
+
+
+@st.cache_data
+def examples() -> dict[str, list[dict]]:
+    """``examples.json``: per tab, the example images, where each comes from and, for the
+    Ask tab, questions to try."""
+    try:
+        listed = json.loads(MANIFEST.read_text())
+    except (OSError, ValueError):
+        log.warning("no usable example list at %s", MANIFEST, exc_info=True)
+        return {}
+    return {tab: [e for e in items if (EXAMPLES / e["file"]).is_file()] for tab, items in listed.items()}
 
 
 def read_upload(upload) -> tuple[bytes, object]:
@@ -122,20 +194,22 @@ def read_upload(upload) -> tuple[bytes, object]:
         return data, None
 
 
-def pick_image(key: str, default: str) -> tuple[str, object] | None:
-    """An example or an uploaded image; returns (identity, image) or None."""
-    source = st.radio("Image", ["Example", "Upload"], horizontal=True, key=f"{key}-source")
+def pick_image(key: str) -> tuple[str, object, dict | None] | None:
+    """An example or an uploaded image: (identity, image, the example or None), or None."""
+    listed = examples().get(key, [])
+    source = st.radio("Image", ["Example", "Upload"] if listed else ["Upload"], horizontal=True, key=f"{key}-source")
     if source == "Example":
-        names = example_names()
-        name = st.selectbox("Example", names, index=names.index(default) if default in names else 0, key=f"{key}-ex")
-        return f"example:{name}", load_image(EXAMPLES / name)
+        titles = [e["title"] for e in listed]
+        title = st.selectbox("Example", titles, key=f"{key}-ex")
+        example = listed[titles.index(title)]
+        return f"example:{example['file']}", load_image(EXAMPLES / example["file"]), example
     upload = st.file_uploader("Upload an image", key=f"{key}-upload")
     if upload is None:
         return None
     data, image = read_upload(upload)
     if image is None:
         return None
-    return "upload:" + hashlib.sha256(data).hexdigest(), image
+    return "upload:" + hashlib.sha256(data).hexdigest(), image, None
 
 
 def show_image(image, side: int) -> None:
@@ -143,12 +217,45 @@ def show_image(image, side: int) -> None:
 
     st.image scales what it gets down to the display width and re-encodes it: a side past
     65,535 px cannot be encoded and a very flat image rounds to 0 px high, so it gets a
-    copy that already fits."""
-    scale = min(1.0, side / image.width, side / image.height)
+    copy that already fits. Small images (easy-VQA's are 64 px) are shown enlarged."""
+    scale = min(side / image.width, side / image.height)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
     if scale < 1:
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
         image = image.resize(size, reducing_gap=3.0)
+    elif scale > 1:
+        image = image.resize(size, resample=0)  # nearest: the pixels the model sees, only larger
     st.image(image, width=max(1, round(side * min(1.0, image.width / image.height))))
+
+
+# ---------------------------------------------------------------------- decoding
+
+
+def decoding(task: Task, key: str, model: VLM, most: int) -> GenerationConfig:
+    """The visitor's decoding settings for a tab, starting from its task's defaults for this
+    checkpoint (the command-line tools start from the same)."""
+    base = task.generation_config(model)
+    length, beams, temperature, top_p = (
+        int(base.max_new_tokens),
+        int(base.num_beams),
+        float(base.temperature),
+        float(base.top_p),
+    )
+    with st.expander("Decoding", expanded=False):
+        max_new = st.slider("Max new tokens", 1, max(most, length), length, key=f"{key}-max-new")
+        beams = st.slider("Beams", 1, max(4, beams), beams, key=f"{key}-beams")
+        sample = st.checkbox("Sample", value=bool(base.do_sample), disabled=beams > 1, key=f"{key}-sample")
+        temperature = st.slider(
+            "Temperature", 0.1, max(1.5, temperature), temperature, disabled=not sample, key=f"{key}-temp"
+        )
+        top_p = st.slider("Top-p", min(0.05, top_p), 1.0, top_p, disabled=not sample, key=f"{key}-top-p")
+    return task.generation_config(
+        model,
+        max_new_tokens=max_new,
+        num_beams=beams,
+        do_sample=sample and beams == 1,
+        temperature=temperature,
+        top_p=top_p,
+    )
 
 
 def prompt_tokens(chat: Chat, turns: list[tuple[str, str]], question: str) -> int:
@@ -175,48 +282,163 @@ def fit_to_context(chat: Chat, question: str, max_new_tokens: int) -> int | None
     return dropped
 
 
-def decoding_settings() -> dict:
-    """The visitor's decoding choices shared by the tabs; each tab sets its own length, and
-    everything else is its task's default (vlm/tasks.py), as in the command-line tools."""
-    st.sidebar.header("Decoding")
-    beams = st.sidebar.slider("Beams", 1, 4, 1)
-    sample = st.sidebar.checkbox("Sample", value=False, disabled=beams > 1)
-    temperature = st.sidebar.slider("Temperature", 0.1, 1.5, 0.7, disabled=not sample)
-    top_p = st.sidebar.slider("Top-p", 0.1, 1.0, 0.9, disabled=not sample)
-    return {"num_beams": beams, "do_sample": sample and beams == 1, "temperature": temperature, "top_p": top_p}
+def generate_streamed(chat: Chat, question: str, cfg: GenerationConfig, show) -> tuple[str, Timing]:
+    """Ask ``chat`` the next question, streaming the text so far to ``show`` (beam search
+    answers whole); the answer and its timing.
+
+    The token count is exact when streaming: the session holds the prompt and every answer
+    token but the last one when the answer ran to its length limit."""
+    if cfg.num_beams > 1:
+
+        def whole():  # timed from the request: the answer arrives in one piece
+            yield chat.ask(question, cfg)
+
+        text, first, total = timed_stream(whole(), show)
+        tokens = len(chat.processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return text.strip(), Timing(total, total, tokens)  # beams give the whole answer at once
+    prompt = prompt_tokens(chat, chat.turns, question)
+    text, first, total = timed_stream(chat.ask_stream(question, cfg), show)
+    fed = chat.session.ids[0, prompt:].tolist()
+    unfed = len(text) > len(chat.processor.tokenizer.decode(fed, skip_special_tokens=True))
+    return text.strip(), Timing(first, total, len(fed) + unfed)
 
 
-def max_new_tokens(task: Task, key: str, most: int = 512) -> int:
-    """The tab's answer length, starting at its task's default."""
-    return st.slider("Max new tokens", 8, most, task.decoding.max_new_tokens, step=8, key=f"{key}-max-new")
+def thinking(placeholder) -> None:
+    placeholder.markdown("_Thinking…_")
 
 
-def ask_tab(model, processor, settings: dict) -> None:
-    cfg = VQA.generation_config(max_new_tokens=max_new_tokens(VQA, "ask"), **settings)
-    picked = pick_image("ask", "shapes.png")
+def plain(text: str) -> str:
+    """Model text shown as is in Markdown: no links, images or formatting it did not mean."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~])", r"\\\1", text)
+
+
+# ---------------------------------------------------------------------- feedback
+
+
+def feedback_widgets(entry: dict, what: str) -> None:
+    """👍 / 👎 and a correction for one output; each change appends a record."""
+    folder = feedback_folder()
+    if folder is None:
+        return
+    key = entry["id"]
+    st.feedback("thumbs", key=f"rate-{key}", on_change=_rated, args=(entry,))
+    with st.expander(f"Correct this {what}"):
+        with st.form(f"fix-form-{key}", border=False):
+            st.text_area(
+                f"The right {what}",
+                value=entry.get("correction") or entry.get("shown", entry["answer"]),
+                key=f"fix-{key}",
+                height=68 if entry["task"] == "vqa" else 240,
+            )
+            st.form_submit_button("Save correction", on_click=_corrected, args=(entry,))
+    if entry.get("feedback_error"):
+        st.error(entry["feedback_error"])
+    elif entry.get("saved"):
+        parts = [{"up": "👍", "down": "👎"}.get(entry.get("rating"), "no rating")]
+        parts += ["corrected"] if entry.get("correction") else []
+        st.caption(f"Feedback saved ({', '.join(parts)}) in {folder}/. Thank you.")
+
+
+def _rated(entry: dict) -> None:
+    entry["rating"] = RATING.get(st.session_state.get(f"rate-{entry['id']}"))
+    _save(entry)
+
+
+def _corrected(entry: dict) -> None:
+    text = (st.session_state.get(f"fix-{entry['id']}") or "").strip()
+    entry["correction"] = text or None
+    _save(entry)
+
+
+def _save(entry: dict) -> None:
+    folder = feedback_folder()
+    if folder is None:
+        return
+    feedback = FeedbackLog(folder)
+    try:
+        record = Record(
+            task=entry["task"],
+            answer_id=entry["id"],
+            image=feedback.add_image(entry["image"]),
+            answer=entry["answer"],
+            question=entry.get("question", ""),
+            turns=[list(t) for t in entry.get("turns", [])],
+            rating=entry.get("rating"),
+            correction=entry.get("correction"),
+            model=entry["model"],
+            decoding=entry["decoding"],
+        )
+        feedback.append(record)
+        entry["saved"], entry["feedback_error"] = True, None
+    except (OSError, ValueError) as e:  # a full disk or a read-only folder must not break the page
+        log.warning("could not save feedback to %s", folder, exc_info=True)
+        entry["feedback_error"] = f"Could not save the feedback ({short_reason(e)})."
+
+
+def new_entry(task: str, image, model_name: str, cfg: GenerationConfig, **fields) -> dict:
+    return {
+        "id": uuid.uuid4().hex,
+        "task": task,
+        "image": image,
+        "model": {"name": model_name, "path": str(model_path(model_name))},
+        "decoding": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
+        "rating": None,
+        "correction": None,
+        **fields,
+    }
+
+
+# ---------------------------------------------------------------------- the tabs
+
+
+def ask_tab(model, processor, model_name: str) -> None:
+    cfg = decoding(VQA, "ask", model, 512)
+    picked = pick_image("ask")
     if picked is None:
         st.info("Pick an example or upload an image to start a conversation.")
         return
-    identity, image = picked
+    identity, image, example = picked
     # One Chat per image, model and browser session: the image is encoded once per conversation.
     if st.session_state.get("chat_id") != identity or st.session_state.chat.model is not model:
         st.session_state.chat_id = identity
         st.session_state.chat = Chat(model, processor, [image])
+        st.session_state.ask_log = []
     chat: Chat = st.session_state.chat
-    show_image(image, 256)
-    if st.button("New conversation"):
-        st.session_state.chat = chat = Chat(model, processor, [image])
+    left, right = st.columns([1, 2])
+    with left:
+        show_image(image, 256)
+        if example:
+            st.caption(example["source"])
+    suggested = None
+    with right:
+        if example and example.get("questions"):
+            st.caption("Questions to try (the bundled model answers these right):")
+            for i, q in enumerate(example["questions"]):
+                if st.button(q, key=f"ask-suggest-{i}"):
+                    suggested = q
+        if st.button("New conversation"):
+            st.session_state.chat = chat = Chat(model, processor, [image])
+            st.session_state.ask_log = []
+        remember = st.checkbox(
+            "Follow-up questions see the earlier turns",
+            value=False,
+            key="ask-remember",
+            help="Off: each question is asked on its own (the image is still encoded once). The bundled "
+            "model was trained on single questions, and earlier turns can confuse it.",
+        )
     history = st.container()  # above the input box, where new turns appear too
     with history:
-        for question, answer in chat.turns:
-            st.chat_message("user").write(question)
-            st.chat_message("assistant").write(answer)
+        for entry in st.session_state.ask_log:
+            show_turn(entry)
     question = st.chat_input("Ask about the image")
+    question = suggested if question is None else question
     if question is None:
         return
     if not question.strip():
         st.warning("The question is empty: type something to ask.")
         return
+    if not remember:
+        chat.turns.clear()  # the session keeps the image and the prompt's shared start
     dropped = fit_to_context(chat, question, cfg.max_new_tokens)
     if dropped is None:
         st.error(
@@ -224,79 +446,138 @@ def ask_tab(model, processor, settings: dict) -> None:
             "the model's context. Ask a shorter question or lower Max new tokens."
         )
         return
+    earlier = [list(t) for t in chat.turns]
     with history:
         if dropped:
             st.info(f"The oldest {dropped} turn(s) were left out to fit the model's context; the image stays.")
-        st.chat_message("user").write(question)
-        if cfg.num_beams > 1:
-            st.chat_message("assistant").write(chat.ask(question, cfg))
-        else:
-            st.chat_message("assistant").write_stream(chat.ask_stream(question, cfg))
+        st.chat_message("user").markdown(plain(question))
+        with st.chat_message("assistant"):
+            placeholder = st.empty()
+            thinking(placeholder)
+            answer, timing = generate_streamed(chat, question, cfg, lambda t: placeholder.markdown(plain(t) + " ▌"))
+            placeholder.markdown(plain(answer))
+            entry = new_entry("vqa", image, model_name, cfg, question=question, answer=answer, turns=earlier)
+            entry["timing"] = timing.to_dict()
+            st.session_state.ask_log.append(entry)
+            st.caption(timing.line())
+            feedback_widgets(entry, "answer")
 
 
-def caption_tab(model, processor, settings: dict) -> None:
-    cfg = CAPTION.generation_config(max_new_tokens=max_new_tokens(CAPTION, "caption"), **settings)
+def show_turn(entry: dict) -> None:
+    st.chat_message("user").markdown(plain(entry["question"]))
+    with st.chat_message("assistant"):
+        st.markdown(plain(entry["answer"]))
+        st.caption(Timing(**{k: v for k, v in entry["timing"].items() if k != "tokens_per_s"}).line())
+        feedback_widgets(entry, "answer")
+
+
+def caption_tab(model, processor, model_name: str) -> None:
+    cfg = decoding(CAPTION, "caption", model, 256)
     uploads = st.file_uploader("Images to caption", accept_multiple_files=True, key="caption-upload")
     if not uploads:
         st.info("Upload one or more images.")
         return
-    if not st.button("Caption them"):
+    batch = (model_name, tuple(hashlib.sha256(u.getvalue()).hexdigest() for u in uploads))
+    if st.button("Caption them"):
+        rows, good = [], []
+        for upload in uploads:
+            _, image = read_upload(upload)
+            rows.append({"file": upload.name, "caption": "", "error": "" if image is not None else "unreadable image"})
+            if image is not None:
+                good.append((len(rows) - 1, image))
+        if good:
+            with st.spinner(f"Captioning {len(good)} images…"):
+                captions = caption_images(model, processor, [img for _, img in good], None, cfg)
+            for (i, _), text in zip(good, captions):
+                rows[i]["caption"] = text
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=["file", "caption", "error"])
+        writer.writeheader()
+        writer.writerows(rows)
+        st.session_state.captions = {"batch": batch, "rows": rows, "csv": buf.getvalue()}
+    result = st.session_state.get("captions")
+    if result is None or result["batch"] != batch:
         return
-    rows, good = [], []
-    for upload in uploads:
-        _, image = read_upload(upload)
-        rows.append({"file": upload.name, "caption": "", "error": "" if image is not None else "unreadable image"})
-        if image is not None:
-            good.append((len(rows) - 1, image))
-    if good:
-        with st.spinner(f"Captioning {len(good)} images…"):
-            captions = caption_images(model, processor, [img for _, img in good], None, cfg)
-        for (i, _), text in zip(good, captions):
-            rows[i]["caption"] = text
-    st.dataframe(rows)
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=["file", "caption", "error"])
-    writer.writeheader()
-    writer.writerows(rows)
-    st.download_button("Download CSV", buf.getvalue(), file_name="captions.csv", mime="text/csv")
+    st.dataframe(result["rows"])
+    # on_click="ignore": the download happens in the browser without rerunning the app.
+    st.download_button("Download CSV", result["csv"], file_name="captions.csv", mime="text/csv", on_click="ignore")
 
 
-def sketch_tab(model, processor, settings: dict) -> None:
-    max_new = max_new_tokens(SKETCH, "sketch", 1024)
-    picked = pick_image("sketch", "sketch.png")
+def sketch_tab(model, processor, model_name: str) -> None:
+    cfg = decoding(SKETCH, "sketch", model, 1024)
+    picked = pick_image("sketch")
     if picked is None:
         st.info("Pick the example sketch or upload a drawing of a page layout.")
         return
-    _, image = picked
+    identity, image, example = picked
     show_image(image, 320)
-    if not st.button("Generate HTML"):
+    if example:
+        st.caption(example["source"])
+        if example.get("reference"):
+            with st.expander("The page this sketch was drawn from"):
+                st.code(format_body(example["reference"]), language="html")
+    key = (identity, model_name)
+    if st.button("Generate HTML"):
+        st.session_state.sketch = None
+        placeholder = st.empty()
+        thinking(placeholder)
+        # The sketch prompt as the one question of a conversation: the same segments as
+        # SKETCH.prompt (tests/test_demo.py checks), streamed with the chat's session.
+        chat = Chat(model, processor, [image])
+        raw, timing = generate_streamed(chat, SKETCH_PROMPT, cfg, lambda t: placeholder.code(t + " ▌", language="html"))
+        placeholder.empty()
+        body, problems = repair_html(raw)
+        entry = new_entry("sketch", image, model_name, cfg, answer=body, shown=format_body(body))
+        entry.update(key=key, raw=raw, page=document(body), problems=problems, timing=timing.to_dict())
+        st.session_state.sketch = entry
+    entry = st.session_state.get("sketch")
+    if entry is None or entry["key"] != key:
         return
-    with st.spinner("Writing the page…"):
-        page, problems = sketch_to_html(model, processor, [image], max_new, settings["num_beams"])[0]
-    if problems:
-        st.warning("The generated HTML was repaired: " + "; ".join(problems))
+    show_page(entry)
+
+
+def show_page(entry: dict) -> None:
+    if entry["problems"]:
+        st.warning("The generated HTML was repaired: " + "; ".join(entry["problems"]))
+    st.caption(Timing(**{k: v for k, v in entry["timing"].items() if k != "tokens_per_s"}).line())
     left, right = st.columns(2)
-    left.code(page, language="html")
+    with left:
+        st.markdown("**Body HTML** (the model's output, laid out; the page adds a fixed stylesheet)")
+        st.code(entry["shown"] or "(empty)", language="html")
     with right:
+        st.markdown("**Preview** (sandboxed: no scripts, no network)")
         # A sandboxed iframe with no permissions: no scripts, no same-origin access; the
         # page's own Content-Security-Policy also forbids scripts and network requests.
-        components.html(
-            f'<iframe sandbox="" srcdoc="{html.escape(page, quote=True)}" style="width:100%;height:560px;border:1px solid #ccc"></iframe>',
+        st.iframe(
+            f'<iframe sandbox="" srcdoc="{html.escape(entry["page"], quote=True)}" '
+            'style="width:100%;height:560px;border:1px solid #ccc"></iframe>',
             height=580,
         )
-    st.download_button("Download HTML", page, file_name="page.html", mime="text/html")
+    st.download_button(
+        "Download HTML", entry["page"], file_name="page.html", mime="text/html", on_click="ignore"
+    )  # the whole document
+    with st.expander("The whole document"):
+        st.code(entry["page"], language="html")
+    feedback_widgets(entry, "page")
 
 
 def main() -> None:
     st.set_page_config(page_title="vlm demo", layout="wide")
     st.title("vlm demo")
-    model, processor = pick_model()
-    settings = decoding_settings()
+    model, processor, name = pick_model()
+    model_panel(name)
+    folder = feedback_folder()
+    st.sidebar.caption(
+        f"Rate answers with 👍 / 👎 and correct them: each rating is saved with its image in {folder}/ "
+        "to improve the model."
+        if folder
+        else "Feedback is off."
+    )
     tabs = st.tabs(["Ask", "Caption", "Sketch → HTML"])
     for tab, show in zip(tabs, (ask_tab, caption_tab, sketch_tab)):
         with tab:
             try:
-                show(model, processor, settings)
+                show(model, processor, name)
             except (ImageError, ValueError) as e:
                 st.error(f"That did not work: {e}")
 

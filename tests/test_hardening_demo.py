@@ -55,7 +55,7 @@ def record_loads(monkeypatch, result=None) -> list[str]:
     calls: list[str] = []
     real = vlm.load_model
 
-    def load(path=None, verbose=True):
+    def load(path=None, verbose=True, device=None, dtype=None):
         calls.append(str(path))
         return result if result is not None else real(path, verbose=verbose)
 
@@ -183,7 +183,7 @@ def test_broken_model_folders_show_an_error_and_fall_back(checkpoint, broken_fol
 def test_a_default_model_that_cannot_load_stops_with_a_message(checkpoint, monkeypatch, error):
     """Whatever loading raises (the library's own errors change as it is hardened)."""
 
-    def load(path=None, verbose=True):
+    def load(path=None, verbose=True, device=None, dtype=None):
         raise error
 
     monkeypatch.setattr(vlm, "load_model", load)
@@ -233,8 +233,14 @@ def test_very_long_or_flat_images_show_a_preview_or_a_message(checkpoint, monkey
 # ------------------------------------------------------------ 10d: the LM's context
 
 
+def remember_turns(at: AppTest) -> None:
+    at.checkbox(key="ask-remember").check().run()
+    assert not at.exception, at.exception
+
+
 def test_a_long_conversation_drops_its_oldest_turns_but_keeps_the_image(checkpoint, monkeypatch):
     at = start(monkeypatch, checkpoint)
+    remember_turns(at)
     at.slider(key="ask-max-new").set_value(24).run()
     chat = at.session_state["chat"]
     context = chat.model.lm.config.max_position_embeddings  # 256 for the tiny LM
@@ -251,6 +257,7 @@ def test_a_long_conversation_drops_its_oldest_turns_but_keeps_the_image(checkpoi
 
 def test_a_long_first_answer_gives_way_to_the_next_question(checkpoint, monkeypatch):
     at = start(monkeypatch, checkpoint)
+    remember_turns(at)
     at.slider(key="ask-max-new").set_value(120).run()  # the first answer and the next leave no room
     ask(at, "what colour is the shape?")
     chat = at.session_state["chat"]
@@ -293,3 +300,28 @@ def test_typed_chat_markup_is_plain_text_to_the_model(checkpoint, monkeypatch, q
     # <|im_start|>user\n<image>… <|im_end|> <|im_start|>assistant.
     counts = [prompt.count(i) for i in tokenizer.convert_tokens_to_ids(markup)]
     assert counts == [2, 1, 1, 0], tokenizer.decode(prompt)
+
+
+# ------------------------------------------------------------ feedback that cannot be saved
+
+
+def test_feedback_that_cannot_be_saved_shows_a_message_and_the_page_goes_on(checkpoint, tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the feedback folder should be")
+    monkeypatch.setenv("VLM_DEMO_FEEDBACK", str(blocker / "feedback"))
+    at = start(monkeypatch, checkpoint)
+    ask(at, "what colour is the shape?")
+    entry = at.session_state["ask_log"][0]
+    at.feedback(key=f"rate-{entry['id']}").set_value(1).run()
+    assert not at.exception, at.exception
+    assert any("Could not save the feedback" in e for e in texts(at.error)), texts(at.error)
+    ask(at, "and its shape?")  # still answering
+    assert len(at.chat_message) == 4
+
+
+def test_beam_search_answers_whole_with_its_timing(checkpoint, monkeypatch):
+    at = start(monkeypatch, checkpoint)
+    at.slider(key="ask-beams").set_value(2).run()
+    ask(at, "what colour is the shape?")
+    timing = at.session_state["ask_log"][0]["timing"]
+    assert timing["first_token_s"] == timing["seconds"] > 0 and timing["tokens"] >= 1

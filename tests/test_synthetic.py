@@ -363,3 +363,19 @@ def test_held_out_styles_lie_at_or_past_the_edge_of_the_training_variety():
     assert HELD_OUT["loose"].zoom < min(s.zoom for s in drawn)
     assert HELD_OUT["photo"].photo > max(s.photo for s in drawn)
     assert 0.25 < sum(s == type(s)() for s in drawn) / len(drawn) < 0.42  # a third drawn as the original
+
+
+def test_vlm_data_sketch_writes_a_style(tmp_path):
+    from vlm_train.data import builders
+    from vlm_train.data.cli import main as data_main
+    from vlm_train.data.shards import iter_tar
+    from vlm_train.data.sketch2html import page_at
+
+    assert data_main(["sketch", "--split", "test", "--count", "2", "--style", "marker", "--out", str(tmp_path)]) == 0
+    (shard,) = tmp_path.glob("sketch-test-marker-*.tar")
+    samples = list(iter_tar(shard))
+    assert [s["html"].decode() for s in samples] == [page_at("test", i).html for i in range(2)]
+    with pytest.raises(SystemExit):
+        data_main(["sketch", "--count", "1", "--style", "crayon", "--out", str(tmp_path)])
+    with pytest.raises(ValueError, match="unknown sketch style"):
+        next(builders.sketches("test", 1, style="crayon"))

@@ -169,6 +169,9 @@ own come after `--`. Visitors choose only among the models the operator allows:
   VLM_DEMO_MODEL=runs/x/model vlm demo                # instead of the bundled model
   vlm demo -- --model runs/a/model --model runs/b/model
   VLM_DEMO_MODELS=runs/a/model:runs/b/model vlm demo  # the same, os.pathsep separated
+Ratings and corrections go to ./feedback (vlm demo -- --feedback DIR, or VLM_DEMO_FEEDBACK;
+"off" keeps none); `vlm data feedback DIR --out shards/feedback` makes training data of them.
+  vlm demo -- --device cuda --dtype bfloat16          # default auto: CUDA and bf16 when present
 Needs the 'demo' extra: pip install 'vlm[demo]'.
 """
 

@@ -212,10 +212,10 @@ def _scene_samples(split: str, seed: int, kind: str, index: int) -> list[dict]:
     return [qa_sample(f"{key}_{j}", data, [(q, a)]) for j, (q, a) in enumerate(scene.qa)]
 
 
-def _page_sample(split: str, seed: int, index: int) -> dict:
+def _page_sample(split: str, seed: int, style: str, index: int) -> dict:
     from .sketch2html import page_at
 
-    page = page_at(split, index, seed)
+    page = page_at(split, index, seed, style)
     return sketch_sample(page.key.replace("-", "_"), image_bytes(page.sketch), page.html)
 
 
@@ -229,12 +229,14 @@ def shapes(split: str, count: int, seed: int = 0, kind: str = "qa", workers: int
             yield sample, None
 
 
-def sketches(split: str, count: int, seed: int = 0, workers: int = 1) -> Iterator[Built]:
-    """Synthetic sketch-to-HTML pairs."""
-    from .sketch2html import check_split
+def sketches(split: str, count: int, seed: int = 0, workers: int = 1, style: str = "plain") -> Iterator[Built]:
+    """Synthetic sketch-to-HTML pairs, drawn in ``style`` (``sketch2html.STYLES``)."""
+    from .sketch2html import STYLES, check_split
 
     check_split(split)
-    for sample in _in_order(partial(_page_sample, split, seed), count, workers):
+    if style not in STYLES:
+        raise ValueError(f"unknown sketch style {style!r}; choose from {', '.join(STYLES)}")
+    for sample in _in_order(partial(_page_sample, split, seed, style), count, workers):
         yield sample, None
 
 

@@ -8,6 +8,7 @@ vlm data shapes --split train --count 20000 --out shards/shapes
 vlm data sketch --split train --count 20000 --out shards/sketch
 vlm data inspect 'shards/evqa/easy-vqa-train-{000000..000038}.tar' --kind qa
 vlm data cache --model default --shards shards/sketch --kind sketch --precision bf16-frozen
+vlm data feedback feedback/ --out data/shards/feedback  # the demo's ratings and corrections
 """
 
 from __future__ import annotations
@@ -123,7 +124,21 @@ def cache(args) -> int:
     return 0
 
 
+def feedback(args) -> int:
+    """Shards and preference pairs from the demo's feedback (:mod:`vlm_train.data.feedback`)."""
+    from .feedback import build
+
+    report = build(args.path, args.out, args.shard_size, args.max_shard_mb * 1024 * 1024, args.prefix or "feedback")
+    print(report.summary())
+    for kind, pattern in report.shards.items():
+        print(f"{kind}: {report.used[kind]} samples in {pattern}")
+    print(f"preference pairs: {args.out}/preference.jsonl; report: {args.out}/report.json")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    from .sketch2html import STYLES
+
     parser = argparse.ArgumentParser(prog="vlm data", description=__doc__.split("\n")[0].split(": ", 1)[1])
     sub = parser.add_subparsers(dest="source", required=True)
     common = argparse.ArgumentParser(add_help=False)
@@ -148,7 +163,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--kind", default="caption", choices=["caption", "qa"])
     p = sub.add_parser("shapes", parents=[common, split, generated], help="synthetic shape scenes")
     p.add_argument("--kind", default="qa", choices=["caption", "qa"])
-    sub.add_parser("sketch", parents=[common, split, generated], help="synthetic sketch-to-HTML pairs")
+    p = sub.add_parser("sketch", parents=[common, split, generated], help="synthetic sketch-to-HTML pairs")
+    p.add_argument(
+        "--style",
+        default="plain",
+        choices=STYLES,
+        help="how the sketches are drawn: plain (the original renderer), varied (a random pen, lettering, "
+        "spacing and phone photo per page, for training) or a held-out style (for testing); default: plain",
+    )
+    p = sub.add_parser(
+        "feedback", parents=[common], help="the demo's ratings and corrections: qa and sketch shards, preference pairs"
+    )
+    p.add_argument("path", help="the demo's feedback folder (feedback.jsonl and images/)")
     p = sub.add_parser("inspect", help="read shards back and count usable and skipped samples")
     p.add_argument("shards")
     p.add_argument("--kind", required=True, choices=FORMATS)
@@ -171,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
             return cache(args)
         if args.source == "inspect":
             return inspect(args.shards, args.kind)
+        if args.source == "feedback":
+            return feedback(args)
         if args.source == "folder":
             samples, prefix = builders.from_folder(args.path), "folder"
         elif args.source == "table":
@@ -183,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             samples = builders.shapes(args.split, args.count, args.seed, args.kind, args.workers)
             prefix = f"shapes-{args.kind}-{args.split}"
         else:
-            samples, prefix = builders.sketches(args.split, args.count, args.seed, args.workers), f"sketch-{args.split}"
+            samples = builders.sketches(args.split, args.count, args.seed, args.workers, args.style)
+            prefix = f"sketch-{args.split}" + ("" if args.style == "plain" else f"-{args.style}")
         write(samples, args.out, args.prefix or prefix, args.shard_size, args.max_shard_mb * 1024 * 1024)
     except (FileNotFoundError, ValueError) as e:
         parser.exit(2, f"{parser.prog}: error: {e}\n")
