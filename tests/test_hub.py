@@ -238,3 +238,26 @@ def test_a_second_adapter_shares_the_backbones(trained_model, tmp_path):
             verbose=False,
             share=(first, processor),
         )
+
+
+def test_a_tasks_bundled_adapter_is_its_default(trained_model, tmp_path, monkeypatch):
+    from vlm import factory
+
+    default, processor = trained_model()
+    torch.manual_seed(1)
+    sketch, _ = trained_model(every=3)
+    monkeypatch.setattr(factory, "DEFAULT_CHECKPOINT", vlm.save_pretrained(default, tmp_path / "default"))
+    monkeypatch.setattr(factory, "TASK_CHECKPOINTS", {"sketch": tmp_path / "sketch"})
+
+    # No sketch adapter bundled: the default model.
+    assert factory.load_model(verbose=False, task="sketch")[0].cross_attn_layers == default.cross_attn_layers
+    vlm.save_pretrained(sketch, tmp_path / "sketch")
+    loaded, loaded_processor = factory.load_model(verbose=False, task="sketch", share=(default, processor))
+    assert loaded.cross_attn_layers == sketch.cross_attn_layers
+    assert loaded.lm.get_input_embeddings().weight is default.lm.get_input_embeddings().weight
+    assert torch.equal(logits_of(loaded, loaded_processor), logits_of(sketch, processor))
+    # --model wins, and other tasks keep the default.
+    assert factory.load_model(tmp_path / "default", verbose=False, task="sketch")[0].cross_attn_layers == (
+        default.cross_attn_layers
+    )
+    assert factory.load_model(verbose=False, task="vqa")[0].cross_attn_layers == default.cross_attn_layers

@@ -272,6 +272,9 @@ def check_finite(state: dict[str, torch.Tensor], source: str = "checkpoint") -> 
 
 
 DEFAULT_CHECKPOINT = Path(__file__).parent / "weights" / "default"
+TASK_CHECKPOINTS = {"sketch": Path(__file__).parent / "weights" / "sketch"}
+"""Bundled adapters of their own for a task, on the default checkpoint's backbones: a
+task's tools load it instead of the default when it is there."""
 
 
 DEVICES = "auto|cpu|cuda|cuda:N|mps"
@@ -303,11 +306,17 @@ def load_model(
     verbose: bool = True,
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
+    task: str | None = None,
     **hub_kwargs,
 ) -> tuple[VLM, Processor]:
     """What the applications load: ``path`` (a checkpoint folder or Hub repo id, see
     :func:`from_pretrained`), or by default the bundled model (``vlm/weights/default``);
-    without one, the default preset with an untrained adapter."""
+    without one, the default preset with an untrained adapter. ``task``: a task whose
+    bundled adapter (:data:`TASK_CHECKPOINTS`, e.g. ``vlm/weights/sketch``) is the default
+    when there is one; ``hub_kwargs`` (``share=``, ``revision=``, ...) go to
+    :func:`from_pretrained`."""
+    if path is None and task in TASK_CHECKPOINTS and (TASK_CHECKPOINTS[task] / CONFIG_FILE).is_file():
+        path = TASK_CHECKPOINTS[task]
     if path is not None:
         return from_pretrained(path, verbose=verbose, device=device, dtype=dtype, **hub_kwargs)
     if (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
