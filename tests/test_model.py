@@ -271,3 +271,23 @@ def test_last_stage_channels_follow_the_head_and_a_widened_checkpoint_starts_unc
 
     with pytest.raises(ValueError, match="with_last_stage needs a timm"):
         dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]).vision, with_last_stage=True).validate()
+
+
+def test_a_text_only_row_batched_with_images_is_as_alone(trained_model):
+    """Rows without any image skip the cross-attention blocks, as a batch without images
+    does: a text-only sample gets the same logits alone and next to an image sample."""
+    model, processor = trained_model()
+    text = processor.chat_segments([("What is the capital of France?", None)], num_images=0)
+    with_image = processor.chat_segments([("What color is it?", None)])
+    alone = processor([text], [[]])
+    mixed = processor([with_image, text], [[shape_image("red")], []])
+    n = int(alone["attention_mask"].sum())
+    with torch.no_grad():
+        expected = model(**alone).logits[0, :n]
+        got = model(**mixed).logits
+        image_alone = model(**processor([with_image], [[shape_image("red")]])).logits[0]
+    torch.testing.assert_close(got[1, :n], expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got[0, : image_alone.shape[0]], image_alone, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(
+        got[0, : image_alone.shape[0]], model(None, mixed["input_ids"][:1]).logits[0, : image_alone.shape[0]]
+    )

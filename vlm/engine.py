@@ -15,9 +15,10 @@ back a short one (Orca's iteration-level scheduling, Yu et al. 2022):
   the positions and keys it had alone. Images are padded to the most any row holds; the
   cross-attention mask lets a token reach only images up to its own ``<image>`` count, so
   padded images are never attended to.
-- Requests without images decode in a batch of their own: alone they run no
-  cross-attention block at all, while in a batch with images the block's gated
-  feed-forward would still change their tokens.
+- Requests without images decode in a batch of their own, since a session holds images
+  for all its rows or for none (``Session.concat``). The model would give them the same
+  tokens in a batch with images (the blocks leave a row without images untouched), so
+  one batch for both kinds, one forward pass per step, needs only sessions that mix them.
 - A row leaves at once when it finishes (stop token, stop string, ``max_new_tokens``,
   the context limit), is cancelled (``Request.cancel``: a client that went away) or runs
   past its deadline; padding that only departed rows needed is dropped.

@@ -56,6 +56,16 @@ class MediaState:
     """Per-layer cross-attention keys/values; a generation session fills it once."""
     visits: VisitCounter = field(default_factory=VisitCounter)
     _mask: tuple[torch.Tensor, torch.Tensor] | None = None
+    _untouched: tuple[torch.Tensor | None] | None = None
+
+    def rows_without_media(self) -> torch.Tensor | None:
+        """(B, 1, 1), True for a sample with no image at all (``None`` when every sample has
+        one): the blocks leave such a row untouched, as they do a batch without images, so a
+        text-only request gives the same tokens alone or batched with image requests."""
+        if self._untouched is None:
+            none = self.media_index[:, -1] == 0  # the count at the last position is the sample's
+            self._untouched = (none[:, None, None] if bool(none.any()) else None,)
+        return self._untouched[0]
 
     def mask(self) -> tuple[torch.Tensor, torch.Tensor]:
         if self._mask is None:
@@ -143,4 +153,6 @@ class GatedCrossAttentionBlock(nn.Module):
         h = h + torch.tanh(self.attn_gate) * attn
         h = h + torch.tanh(self.ff_gate) * self.ff(h)
         # Add only the update back in the LM's dtype, so zero gates leave x bit-identical.
-        return x + (h - x.to(h.dtype)).to(x.dtype) if h.dtype != x.dtype else h
+        out = x + (h - x.to(h.dtype)).to(x.dtype) if h.dtype != x.dtype else h
+        untouched = media.rows_without_media()
+        return out if untouched is None else torch.where(untouched, x, out)
