@@ -191,7 +191,8 @@ def save_pretrained(
     (``README.md``: ``model_card``, else the one already in ``path``, else one written from
     the config). ``dtype`` (e.g. ``torch.bfloat16``) stores the weights smaller; loading
     casts them back. ``push_to_hub=True`` then uploads the folder to ``repo_id`` (default:
-    the folder's name); ``hub_kwargs`` go to :func:`vlm.hub.push_to_hub`."""
+    the folder's name); ``hub_kwargs`` (``private``, ``token``, ``revision``, ...) go to
+    :func:`vlm.hub.upload_folder`."""
     from .tasks import GENERATION_CONFIG_FILE, default_generation_config
 
     path = Path(path)
