@@ -307,11 +307,9 @@ class VLMConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> VLMConfig:
-        try:
-            data = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_dict(data)
+        from .fileio import read_json
+
+        return cls.from_dict(read_json(path))
 
 
 def list_presets() -> list[str]:

@@ -18,7 +18,7 @@ from safetensors.torch import load_file, save_file
 from tokenizers import AddedToken
 
 from .config import VLMConfig, get_preset
-from .fileio import atomic_folder
+from .fileio import atomic_folder, read_json
 from .lm import check_supported_lm, find_decoder, insert_cross_attention
 from .model import VLM
 from .processor import Processor
@@ -232,10 +232,7 @@ def load_config(path: str | os.PathLike) -> tuple[VLMConfig, dict]:
     file = path / CONFIG_FILE
     if not file.is_file():
         raise FileNotFoundError(f"{path} is not a vlm checkpoint folder: {CONFIG_FILE} is missing")
-    try:
-        meta = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    meta = read_json(file)
     found = meta.get("format") if isinstance(meta, dict) else None
     if found != FORMAT:
         raise ValueError(f"{file}: unknown checkpoint format {found!r} (expected {FORMAT!r})")
@@ -376,9 +373,5 @@ def from_pretrained(
     load_trainable(model, load_file(folder / WEIGHTS_FILE), source=str(folder / WEIGHTS_FILE))
     decoding = folder / GENERATION_CONFIG_FILE
     if decoding.is_file():
-        try:
-            data = json.loads(decoding.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{decoding}: not valid JSON ({e})") from None
-        model.generation_defaults = check_generation_config(data, str(decoding))
+        model.generation_defaults = check_generation_config(read_json(decoding), str(decoding))
     return place(model, device, dtype), processor

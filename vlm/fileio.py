@@ -164,6 +164,16 @@ def load_tensors(path: str | os.PathLike, what: str = "weights file") -> dict[st
     return obj
 
 
+def read_json(path: str | os.PathLike) -> Any:
+    """The JSON in ``path``; a file that is not valid JSON is a ValueError naming it."""
+    import json
+
+    try:
+        return json.loads(Path(path).read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+
+
 def load_plain(path: str | os.PathLike, what: str = "file", advice: str = CONVERT_ADVICE) -> Any:
     """``torch.load(path, weights_only=True)``: tensors, numbers, strings and containers
     only. A file that names other Python objects raises :class:`UnsafeFileError`."""

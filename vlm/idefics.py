@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import CrossAttnConfig, LMConfig, ResamplerConfig, VisionConfig, VLMConfig
+from .fileio import read_json
 
 log = logging.getLogger("vlm.convert")
 
@@ -60,10 +61,7 @@ def read_config(path: str | Path):
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"IDEFICS config {str(file)!r} not found")
-    try:
-        data = json.loads(file.read_text())
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
+    data = read_json(file)
     if not isinstance(data, dict) or data.get("model_type") != "idefics":
         found = data.get("model_type") if isinstance(data, dict) else None
         raise ValueError(f"{file} is not an IDEFICS config (model_type {found!r}, expected 'idefics')")
