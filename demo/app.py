@@ -43,7 +43,7 @@ from timing import Timing, timed_stream
 
 from vlm import load_model
 from vlm.chat import Chat
-from vlm.factory import DEFAULT_CHECKPOINT
+from vlm.factory import DEFAULT_CHECKPOINT, task_checkpoint
 from vlm.feedback import FeedbackLog, Record
 from vlm.html import document, repair_html
 from vlm.images import DEFAULT_MAX_PIXELS, ImageError, load_image
@@ -117,6 +117,27 @@ def get_model(folder: str):
     return load_model(folder or None, verbose=False, device=options.device, dtype=options.dtype)
 
 
+@st.cache_resource(max_entries=2, show_spinner="Loading the task's adapter…")
+def get_task_model(task: str):
+    # The bundled adapter of a task on the bundled model's frozen tower and LM, tensor for
+    # tensor: a second adapter, not a second copy of the backbones.
+    options = demo_options()
+    return load_model(None, verbose=False, device=options.device, dtype=options.dtype, task=task, share=get_model(""))
+
+
+def for_task(task: str, model: VLM, processor: Processor, name: str) -> tuple[VLM, Processor, str]:
+    """The model a task's tab uses: the task's bundled adapter (``vlm/weights/sketch``) when
+    the visitor picked the bundled model and one is there; otherwise the model picked."""
+    if allowed_models().get(name) != "" or task_checkpoint(task) is None:
+        return model, processor, name
+    task_model, task_processor = get_task_model(task)
+    return task_model, task_processor, adapter_name(task)
+
+
+def adapter_name(task: str) -> str:
+    return f"{BUNDLED} ({task} adapter)"
+
+
 def short_reason(error: Exception) -> str:
     lines = str(error).strip().splitlines()
     text = f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
@@ -151,6 +172,9 @@ def pick_model() -> tuple[VLM, Processor, str]:
 
 
 def model_path(name: str) -> Path:
+    for task in ("sketch",):
+        if name == adapter_name(task) and task_checkpoint(task) is not None:
+            return task_checkpoint(task)
     folder = allowed_models()[name]
     return Path(folder) if folder else DEFAULT_CHECKPOINT
 
@@ -577,7 +601,7 @@ def main() -> None:
     for tab, show in zip(tabs, (ask_tab, caption_tab, sketch_tab)):
         with tab:
             try:
-                show(model, processor, name)
+                show(*(for_task("sketch", model, processor, name) if show is sketch_tab else (model, processor, name)))
             except (ImageError, ValueError) as e:
                 st.error(f"That did not work: {e}")
 

@@ -403,3 +403,57 @@ def test_real_browser_renders_the_app_answers_and_keeps_results(tiny_checkpoint,
     records = [json.loads(line) for line in (feedback / "feedback.jsonl").read_text().splitlines()]
     assert [(r["task"], r["rating"], r["question"]) for r in records] == [("vqa", "up", "what colour is it?")]
     assert codes == after >= 2 and name == "page.html" and document.startswith("<!DOCTYPE html>")
+
+
+def test_the_sketch_tab_uses_the_bundled_sketch_adapter_on_the_bundled_models_backbones(tmp_path, monkeypatch):
+    import streamlit as st
+    import torch
+
+    import vlm
+    from vlm import factory
+
+    default = make_checkpoint(tmp_path / "default", gates=0.5)
+    model, _ = vlm.from_pretrained(default, verbose=False)
+    with torch.no_grad():  # another adapter: its own cross-attention weights
+        for layer in model.decoder_layers():
+            if layer.xattn is not None:
+                for p in layer.xattn.parameters():
+                    p.add_(torch.randn_like(p) * 0.5)
+    sketch = vlm.save_pretrained(model, tmp_path / "sketch")
+    monkeypatch.setattr(factory, "DEFAULT_CHECKPOINT", default)
+    monkeypatch.setattr(factory, "TASK_CHECKPOINTS", {"sketch": sketch})
+    monkeypatch.setenv("VLM_DEMO_FEEDBACK", "off")
+    monkeypatch.setattr(sys, "argv", [APP])
+    loads = []
+
+    def recording_load_model(path=None, **kwargs):
+        loaded = factory.load_model(path, **kwargs)
+        loads.append((path, kwargs, loaded))
+        return loaded
+
+    monkeypatch.setattr(vlm, "load_model", recording_load_model)
+
+    def sketch_answer(model_env: str | None) -> dict:
+        st.cache_resource.clear()
+        if model_env is None:
+            monkeypatch.delenv("VLM_DEMO_MODEL", raising=False)
+        else:
+            monkeypatch.setenv("VLM_DEMO_MODEL", model_env)
+        at = AppTest.from_file(APP, default_timeout=120)
+        at.run()
+        assert not at.exception, at.exception
+        return click(at, "Generate HTML").session_state["sketch"]
+
+    try:
+        bundled = sketch_answer(None)
+        assert bundled["model"] == {"name": "bundled model (sketch adapter)", "path": str(sketch)}
+        # One load of the bundled model, then the adapter on its very backbones.
+        (_, _, base), (_, adapter_kwargs, (adapter, _)) = loads
+        assert adapter_kwargs["task"] == "sketch" and adapter_kwargs["share"] is base
+        assert adapter.lm.get_input_embeddings().weight is base[0].lm.get_input_embeddings().weight
+        # The same page as with the adapter's folder picked by hand (--model wins over the
+        # task's default), and not the default adapter's page.
+        assert sketch_answer(str(sketch))["raw"] == bundled["raw"]
+        assert sketch_answer(str(default))["raw"] != bundled["raw"]
+    finally:
+        st.cache_resource.clear()

@@ -275,6 +275,12 @@ TASK_CHECKPOINTS = {"sketch": Path(__file__).parent / "weights" / "sketch"}
 task's tools load it instead of the default when it is there."""
 
 
+def task_checkpoint(task: str | None) -> Path | None:
+    """The bundled adapter of ``task`` (:data:`TASK_CHECKPOINTS`) if it is there, else None."""
+    folder = TASK_CHECKPOINTS.get(task) if task else None
+    return folder if folder is not None and (folder / CONFIG_FILE).is_file() else None
+
+
 DEVICES = "auto|cpu|cuda|cuda:N|mps"
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
@@ -313,8 +319,8 @@ def load_model(
     bundled adapter (:data:`TASK_CHECKPOINTS`, e.g. ``vlm/weights/sketch``) is the default
     when there is one; ``hub_kwargs`` (``share=``, ``revision=``, ...) go to
     :func:`from_pretrained`."""
-    if path is None and task in TASK_CHECKPOINTS and (TASK_CHECKPOINTS[task] / CONFIG_FILE).is_file():
-        path = TASK_CHECKPOINTS[task]
+    if path is None:
+        path = task_checkpoint(task)
     if path is not None:
         return from_pretrained(path, verbose=verbose, device=device, dtype=dtype, **hub_kwargs)
     if (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
