@@ -265,3 +265,35 @@ def test_presets_extend_other_presets(tmp_path):
     stage7, stage3 = resolve("default:stage7", []), resolve("default:stage3", [])
     assert stage7.data.batch_size == stage3.data.batch_size == 16 and stage7.eval == stage3.eval
     assert stage7.time_budget_s == 4800 and stage7.seed == 9 and stage7.checkpoint.every == 100
+
+
+def test_bf16_on_a_cpu_without_fast_bf16_trains_in_fp32_and_says_so(workspace, monkeypatch, capsys):
+    import vlm_train.train as train_module
+
+    assert train_main(args(workspace, "fp32", "--steps", "2", "--checkpoint.every", "2")) == 0
+    monkeypatch.setattr(train_module, "fast_matmul", lambda dtype, device: False)
+    capsys.readouterr()
+    assert (
+        train_main(
+            args(workspace, "slow-bf16", "--steps", "2", "--checkpoint.every", "2", "--precision", "bf16-frozen")
+        )
+        == 0
+    )
+    out = capsys.readouterr().out
+    assert "no fast bf16 matrix multiply" in out and '"precision": "fp32"' in out
+    fp32, fallback = (
+        load_file(workspace / run / "step-000002" / "model" / "model.safetensors") for run in ("fp32", "slow-bf16")
+    )
+    assert all(torch.equal(fp32[k], fallback[k]) for k in fp32)  # the very same fp32 run
+
+
+def test_a_half_precision_dtype_on_a_cpu_without_fast_kernels_warns(workspace, monkeypatch):
+    from vlm import factory
+
+    model, _ = vlm.from_pretrained(workspace / "init", verbose=False)
+    monkeypatch.setattr(factory, "fast_matmul", lambda dtype, device: dtype == torch.float32)
+    with pytest.warns(UserWarning, match="no fast torch.bfloat16 matrix multiply"):
+        factory.place(model, "cpu", "bfloat16")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        factory.place(model, "cpu", "auto")  # auto keeps float32 on a CPU: no warning

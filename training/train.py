@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 import vlm
-from vlm.factory import load_trainable
+from vlm.factory import fast_matmul, load_trainable
 from vlm.fileio import write_text
 
 from . import checkpoint as ckpt
@@ -361,6 +361,12 @@ def mixture_step_s(timed: Sequence[tuple[Sequence[int], float]], weights: Sequen
 def train(cfg: TrainConfig) -> dict:
     began = time.perf_counter()
     d = setup(cfg.device)
+    if cfg.precision != "fp32" and not fast_matmul(torch.bfloat16, d.device):
+        (_say if d.is_main else _quiet)(
+            f"precision {cfg.precision}: this CPU has no fast bf16 matrix multiply (it would run many "
+            "times slower than fp32), so this run trains in fp32",
+        )
+        cfg.precision = "fp32"
     torch.manual_seed(cfg.seed)
     model, processor = build_model(cfg)
     core = model.to(d.device)

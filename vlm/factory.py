@@ -11,6 +11,7 @@ import copy
 import json
 import logging
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -305,6 +306,19 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
     return None if dtype == "auto" else getattr(torch, dtype)
 
 
+def fast_matmul(dtype: torch.dtype, device: str | torch.device | None = "cpu") -> bool:
+    """Whether ``device`` multiplies ``dtype`` matrices with fast kernels. A CPU without
+    them for bf16 or fp16 (oneDNN needs AVX-512 for those; x86 CPUs with only AVX2 lack
+    it) falls back to PyTorch's reference GEMM, tens of times slower than fp32 there."""
+    if dtype not in (torch.bfloat16, torch.float16) or resolve_device(device).type != "cpu":
+        return True
+    check = "_is_mkldnn_bf16_supported" if dtype == torch.bfloat16 else "_is_mkldnn_fp16_supported"
+    try:
+        return bool(getattr(torch.ops.mkldnn, check)())
+    except (AttributeError, RuntimeError):  # a build without oneDNN: no way to tell
+        return True
+
+
 def load_model(
     path: str | os.PathLike | None = None,
     verbose: bool = True,
@@ -336,6 +350,12 @@ def place(model: VLM, device: str | torch.device | None, dtype: str | torch.dtyp
     if dtype == "auto":
         dtype = torch.bfloat16 if device is not None and resolve_device(device).type == "cuda" else None
     cast = resolve_dtype(dtype)
+    if cast is not None and not fast_matmul(cast, device):
+        warnings.warn(
+            f"dtype {cast} on this CPU: it has no fast {cast} matrix multiply, so the model will run many "
+            "times slower than in float32 (dtype 'auto' or 'float32' avoids that)",
+            stacklevel=3,
+        )
     if device is not None or cast is not None:
         model.to(device=resolve_device(device) if device is not None else None, dtype=cast)
     return model
