@@ -215,7 +215,8 @@ class TrainConfig:
     """Micro-batches per step (each of ``data.batch_size`` per rank)."""
     precision: str = "fp32"
     """``fp32``; ``bf16`` (bf16 autocast, trainable weights in fp32); ``bf16-frozen``
-    (as bf16, and the frozen backbones stored in bf16 too: less memory, faster on CPU)."""
+    (as bf16, and the frozen backbones stored in bf16 too: less memory, faster on CPUs with
+    fast bf16 kernels). A CPU without them trains in fp32 instead (see ``vlm.factory.fast_matmul``)."""
     device: str = "auto"
     """``auto`` (CUDA when available, else CPU), ``cuda`` or ``cpu``; each rank of a
     torchrun launch takes the GPU of its local rank."""
