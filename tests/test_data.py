@@ -2,6 +2,7 @@
 
 import io
 import json
+import random
 import struct
 import zlib
 from collections import Counter
@@ -267,3 +268,34 @@ def test_bad_keys_and_configs_are_rejected(tmp_path, make_model):
         LoaderConfig([SourceConfig(str(tmp_path), "captions")]).validate()
     with pytest.raises(ValueError, match="resampled mode needs epoch_batches"):
         LoaderConfig([SourceConfig(str(tmp_path), "caption")], resampled=True).validate()
+
+
+def test_group_by_length_cuts_padding_and_keeps_every_sample_and_each_batchs_source(make_model, tmp_path):
+    _, processor = make_model("gpt2")
+    rng = random.Random(0)
+    words = [" ".join(["word"] * rng.randint(1, 30)) for _ in range(48)]
+    _write(tmp_path / "a", "a", [caption_sample(f"a{i:02d}", _png(), w) for i, w in enumerate(words[:24])])
+    _write(tmp_path / "b", "b", [caption_sample(f"b{i:02d}", _png(), w) for i, w in enumerate(words[24:])])
+    sources = [SourceConfig(str(tmp_path / "a"), "caption"), SourceConfig(str(tmp_path / "b"), "caption")]
+
+    def run(group: int):
+        cfg = LoaderConfig(sources, batch_size=4, shuffle_buffer=8, group_by_length=group)
+        keys, _, batches = _collect(cfg, processor)
+        padded = sum(b["input_ids"].numel() for b in batches)
+        return keys, batches, padded
+
+    keys, batches, padded = run(0)
+    grouped_keys, grouped, grouped_padded = run(6)  # a group holds all 24 samples of a source
+    assert sorted(grouped_keys) == sorted(keys) and len(grouped) == len(batches) == 12
+    # The least padding there is: each source's samples sorted by length, four to a batch.
+    lengths = {k: int(n) for b in batches for k, n in zip(b["keys"], b["attention_mask"].sum(1))}
+    least = 0
+    for source in "ab":
+        ordered = sorted(n for k, n in lengths.items() if k[0] == source)
+        least += sum(4 * max(ordered[i : i + 4]) for i in range(0, 24, 4))
+    assert grouped_padded == least < 0.85 * padded, (grouped_padded, least, padded)
+    assert all(len({k[0] for k in b["keys"]}) == 1 for b in grouped)  # still one source a batch
+    assert all(b["source"] == "ab".index(b["keys"][0][0]) for b in grouped)
+    assert run(6)[0] == grouped_keys  # deterministic, so a resumed run skips to the same place
+    with pytest.raises(ValueError, match="group_by_length"):
+        ShardStream(LoaderConfig(sources, group_by_length=-1), processor)

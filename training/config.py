@@ -89,6 +89,11 @@ class LoaderConfig:
     """Images with more pixels than this are refused (counted as skipped), before decoding."""
     drop_last: bool = True
     """Drop the last, smaller batch of an epoch instead of yielding it."""
+    group_by_length: int = 0
+    """Batches per length group (0 or 1: off). The loader holds this many full batches of
+    one source, sorts their samples by token count and yields them again as batches of
+    near-equal length, in a random order: much less padding (a random batch of 16 sketch
+    pages is about 61 % real tokens) for batches that are less mixed."""
     seed: int = 0
     """Seed of the shard order, the shuffling and the mixture draws."""
     prefix_cache_dir: str | None = None
@@ -112,6 +117,8 @@ class LoaderConfig:
             raise ValueError(f"mix must be 'batch' or 'sample', got {self.mix!r}")
         if self.resampled and not self.epoch_batches:
             raise ValueError("resampled mode needs epoch_batches")
+        if self.group_by_length < 0:
+            raise ValueError(f"group_by_length must be >= 0, got {self.group_by_length}")
         if self.barren_shards < 1:
             raise ValueError(f"barren_shards must be >= 1, got {self.barren_shards}")
 

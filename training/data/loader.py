@@ -125,6 +125,24 @@ class _BarrenWatch:
                 raise _Barren
 
 
+class _Group:
+    """Full batches held for ``group_by_length``, sample by sample."""
+
+    def __init__(self) -> None:
+        self.clear()
+
+    def clear(self) -> None:
+        self.encoded, self.pixels, self.keys, self.prefixes, self.origins = [], [], [], [], []
+
+    def add(self, encoded, pixels, keys, prefixes, origins: set[int]) -> None:
+        self.encoded += encoded
+        self.pixels += pixels
+        self.keys += keys
+        self.prefixes += prefixes
+        origin = next(iter(origins)) if len(origins) == 1 else -1
+        self.origins += [origin] * len(keys)
+
+
 @dataclass
 class _Source:
     index: int
@@ -270,6 +288,7 @@ class ShardStream(IterableDataset):
             limit = math.ceil(self.cfg.epoch_batches / workers)
         encoded, pixels, keys, prefixes, batches = [], [], [], [], 0
         origins: set[int] = set()  # the sources in the batch being filled
+        groups: dict[int, _Group] = {}  # group_by_length: full batches held, by source (-1: mixed)
         dropped: list[str] = []
         current = None
         while sources and batches < limit:
@@ -311,15 +330,41 @@ class ShardStream(IterableDataset):
             keys.append(raw.get("__key__", ""))
             origins.add(source.index)
             if len(encoded) == self.cfg.batch_size:
-                yield self._batch(encoded, pixels, keys, skipped, origins, prefixes)
+                if self.cfg.group_by_length > 1:
+                    group = groups.setdefault(next(iter(origins)) if len(origins) == 1 else -1, _Group())
+                    group.add(encoded, pixels, keys, prefixes, origins)
+                    if len(group.keys) == self.cfg.batch_size * self.cfg.group_by_length:
+                        yield from self._regrouped(group, rng, skipped)
+                else:
+                    yield self._batch(encoded, pixels, keys, skipped, origins, prefixes)
                 encoded, pixels, keys, prefixes, batches = [], [], [], [], batches + 1
                 origins, current = set(), None
+        for group in groups.values():  # the last, partly filled groups: whole batches still
+            yield from self._regrouped(group, rng, skipped)
         if dropped and not sources:
             raise RuntimeError("no usable samples from any data source: " + "; ".join(dropped))
         if encoded and not self.cfg.drop_last and batches < limit:
             yield self._batch(encoded, pixels, keys, skipped, origins, prefixes)
         elif skipped:
             yield {"skipped": dict(skipped)}  # a final report with no samples
+
+    def _regrouped(self, group: _Group, rng: random.Random, skipped: SkipCounter) -> Iterator[dict]:
+        """The group's samples sorted by length, cut into batches, in a random order; emptied."""
+        order = sorted(range(len(group.keys)), key=lambda i: len(group.encoded[i][0]))
+        size = self.cfg.batch_size
+        chunks = [order[i : i + size] for i in range(0, len(order), size)]
+        rng.shuffle(chunks)
+        for chunk in chunks:
+            prefixes = [group.prefixes[i] for i in chunk] if group.prefixes else []
+            yield self._batch(
+                [group.encoded[i] for i in chunk],
+                [group.pixels[i] for i in chunk],
+                [group.keys[i] for i in chunk],
+                skipped,
+                {group.origins[i] for i in chunk},
+                prefixes,
+            )
+        group.clear()
 
     def _batch(self, encoded, pixels, keys, skipped: SkipCounter, origins: set[int], prefixes=()) -> dict:
         batch = self.processor.collate(encoded, pixels)
