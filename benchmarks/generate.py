@@ -4,6 +4,17 @@
     python benchmarks/generate.py --tiny     # tiny random backbones, seconds
     python benchmarks/generate.py --int8     # also: int8 LM speed and its effect on quality
     python benchmarks/generate.py --sketch-lookup 30   # sketch → HTML: prompt-lookup drafts vs plain greedy
+    python benchmarks/generate.py --paths bf16 int8    # also: frozen LM weights in bf16 / weight-only int8
+    python benchmarks/generate.py --paths bf16 int8 --gates --gate-vqa 1000 --gate-sketch 20   # + quality gates
+
+``--paths`` times the faster frozen-LM paths of :func:`vlm.quantize.fast_lm` (``bf16``: the
+decoder layers' weights in bf16, the LM head in float32; ``int8``: weight-only int8 linear
+layers with per-channel scales, bf16 compute; ``int8-head-fp32``: the same with a float32
+head), each alone, in the same run as the fp32 baseline (``cached``). ``--gates`` then
+checks each on the bundled model against fp32: greedy answers identical on 32 fixed
+easy-VQA test questions, and optionally easy-VQA accuracy on the first ``--gate-vqa``
+test questions and sketch-to-HTML structure on ``--gate-sketch`` test sketches. With
+``--gates`` the bundled model (``vlm.load_model()``) is the one timed.
 
 Modes: ``cached`` (LM KV cache + cross-attention K/V over the image computed once per
 request: ours), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
@@ -66,6 +77,14 @@ QUALITY_PROMPTS = [
 ]
 
 
+FAST_PATHS = {  # name: (LM weights, head) for vlm.quantize.fast_lm
+    "bf16": ("bfloat16", "float32"),
+    "bf16-head-bf16": ("bfloat16", "bfloat16"),
+    "int8": ("int8", "int8"),
+    "int8-head-fp32": ("int8", "float32"),
+}
+
+
 def build(tiny: bool):
     if not tiny:
         return vlm.create_model_and_transforms(verbose=False)
@@ -91,18 +110,21 @@ def run_mode(model, batch, new_tokens: int, mode: str) -> None:
     generate(model, *args, config=cfg, cache_media_kv=(mode == "cached"), use_cache=(mode != "no-cache"))
 
 
-def speed_table(model, processor, batch_sizes, new_tokens: int, repeats: int, label: str = ""):
+def speed_table(model, processor, batch_sizes, new_tokens: int, repeats: int, label: str = "", modes=None):
+    modes = modes or ("cached", "media-kv-every-step", "no-cache")
     rows = []
     for bs in batch_sizes:
         segments = [processor.chat_segments([(QUESTIONS[i % len(QUESTIONS)], None)]) for i in range(bs)]
         batch = processor(segments, [[example_image()] for _ in range(bs)], padding_side="left")
         results = {}
-        for mode in ("cached", "media-kv-every-step", "no-cache"):
+        for mode in modes:
             with torch.inference_mode():
                 ttft = timed(lambda m=mode, b=batch: run_mode(model, b, 1, m), repeats)
                 total = timed(lambda m=mode, b=batch: run_mode(model, b, new_tokens, m), repeats)
             results[mode] = (ttft, bs * new_tokens / total)
             rows.append((f"{label}{mode}", bs, ttft, bs * new_tokens / total))
+        if len(modes) < 3:
+            continue
         base = results["cached"][1]
         print(
             f"batch {bs}: cached is {base / results['no-cache'][1]:.2f}x no-cache and "
@@ -134,6 +156,76 @@ def int8_quality(model, processor, quantized, new_tokens: int) -> None:
     print(f"greedy answers identical: {same}/{len(QUALITY_PROMPTS)}; token agreement {agree}/{total}")
     p32, p8 = perplexity(model, processor, PERPLEXITY_TEXT), perplexity(quantized, processor, PERPLEXITY_TEXT)
     print(f"perplexity on fixed text: fp32 {p32:.2f}, int8 {p8:.2f} ({(p8 / p32 - 1) * 100:+.1f}%)")
+
+
+def greedy_texts(model, processor, task, items, batch_size: int) -> list[str]:
+    """The task's prompts and decoding (``vlm eval``'s), greedy, ``batch_size`` at a time."""
+    from vlm_train.eval.cli import predict
+
+    return predict(model, processor, task, items, items, 0, 0, batch_size)
+
+
+def quality_gates(model, processor, fast: dict, vqa_count: int, sketch_count: int, batch_size: int) -> list[str]:
+    """Each faster path against fp32 on the bundled model; returns the lines printed."""
+    from vlm.tasks import SKETCH, VQA
+    from vlm_train.eval.cli import load_items, score
+    from vlm_train.eval.html_metrics import parse_tree
+
+    lines = []
+
+    def say(line: str) -> None:
+        print(line, flush=True)
+        lines.append(line)
+
+    items = load_items("data/shards/easy-vqa-test", VQA, max(32, vqa_count))
+    fixed = items[:32]
+    reference = greedy_texts(model, processor, VQA, fixed, batch_size)
+    for name, other in fast.items():
+        texts = greedy_texts(other, processor, VQA, fixed, batch_size)
+        same = sum(a == b for a, b in zip(reference, texts))
+        changed = [(it.query, a, b) for it, a, b in zip(fixed, reference, texts) if a != b]
+        say(f"gate {name}: greedy answers identical to fp32 on {same}/32 fixed easy-VQA test questions")
+        for q, a, b in changed[:5]:
+            say(f"    {q!r}: fp32 {a!r}, {name} {b!r}")
+    if vqa_count:
+        start = time.perf_counter()
+        predictions = greedy_texts(model, processor, VQA, items[:vqa_count], batch_size)
+        base = score(VQA, items[:vqa_count], predictions, False)[0]["accuracy"]
+        say(
+            f"gate fp32: easy-VQA accuracy {100 * base:.2f} % on the first {vqa_count} test questions "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+        for name, other in fast.items():
+            start = time.perf_counter()
+            texts = greedy_texts(other, processor, VQA, items[:vqa_count], batch_size)
+            acc = score(VQA, items[:vqa_count], texts, False)[0]["accuracy"]
+            same = sum(a == b for a, b in zip(predictions, texts))
+            say(
+                f"gate {name}: easy-VQA accuracy {100 * acc:.2f} % ({100 * (acc - base):+.2f} points vs fp32; "
+                f"{same}/{vqa_count} answers identical; {time.perf_counter() - start:.0f} s)"
+            )
+    if sketch_count:
+        sketches = load_items("data/shards/sketch-test", SKETCH, sketch_count)
+        start = time.perf_counter()
+        reference = greedy_texts(model, processor, SKETCH, sketches, 1)
+        ref_trees = [parse_tree(t) for t in reference]
+        exact = sum(parse_tree(t) == parse_tree(it.answer) for t, it in zip(reference, sketches))
+        say(
+            f"gate fp32: sketch structure equal to the target on {exact}/{sketch_count} test sketches "
+            f"({time.perf_counter() - start:.0f} s)"
+        )
+        for name, other in fast.items():
+            start = time.perf_counter()
+            texts = greedy_texts(other, processor, SKETCH, sketches, 1)
+            same_tree = sum(parse_tree(t) == r for t, r in zip(texts, ref_trees))
+            same_text = sum(a == b for a, b in zip(reference, texts))
+            exact = sum(parse_tree(t) == parse_tree(it.answer) for t, it in zip(texts, sketches))
+            say(
+                f"gate {name}: sketch structure unchanged from fp32 on {same_tree}/{sketch_count}, identical "
+                f"HTML on {same_text}/{sketch_count}, equal to the target on {exact}/{sketch_count} "
+                f"({time.perf_counter() - start:.0f} s)"
+            )
+    return lines
 
 
 def sketch_lookup(model, processor, count: int, drafts: list[int]) -> None:
@@ -191,6 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="also time the int8 LM and compare its outputs")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--paths", nargs="+", default=[], choices=sorted(FAST_PATHS), help="faster LM paths to time")
+    parser.add_argument("--gates", action="store_true", help="bundled model; quality gates for --paths vs fp32")
+    parser.add_argument("--gate-vqa", type=int, default=0, metavar="N", help="easy-VQA accuracy on N test questions")
+    parser.add_argument("--gate-sketch", type=int, default=0, metavar="N", help="sketch structure on N test sketches")
+    parser.add_argument("--gate-batch", type=int, default=8, help="batch size for the easy-VQA gates")
+    parser.add_argument("--no-speed", action="store_true", help="skip the timings (gates only)")
     parser.add_argument("--sketch-lookup", type=int, metavar="N", help="only: prompt lookup on N test sketches")
     parser.add_argument("--drafts", type=int, nargs="+", default=[4, 10], help="draft lengths for --sketch-lookup")
     args = parser.parse_args(argv)
@@ -200,9 +298,24 @@ def main(argv: list[str] | None = None) -> int:
         model, processor = vlm.load_model(verbose=False)  # the bundled model: it was trained on sketches
         sketch_lookup(model, processor, args.sketch_lookup, args.drafts)
         return 0
-    model, processor = build(args.tiny)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens")
-    rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats)
+    if args.gates:
+        model, processor = vlm.load_model(verbose=False)
+    else:
+        model, processor = build(args.tiny)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens", flush=True)
+    from vlm.quantize import fast_lm
+
+    fast = {name: fast_lm(model, *FAST_PATHS[name]) for name in args.paths}
+    rows = []
+    if not args.no_speed:
+        rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats)
+        for name, other in fast.items():
+            rows += speed_table(
+                other, processor, args.batch_sizes, args.new_tokens, args.repeats, f"{name} ", ["cached"]
+            )
+    gate_lines = []
+    if args.gates and fast:
+        gate_lines = quality_gates(model, processor, fast, args.gate_vqa, args.gate_sketch, args.gate_batch)
     if args.int8:
         from vlm.quantize import quantize_lm_int8
 
@@ -214,9 +327,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"int8: {len(quantized.int8_layers)} of {lm_linears} LM linear layers quantised, the rest kept in float")
         rows += speed_table(quantized, processor, args.batch_sizes, args.new_tokens, args.repeats, "int8 ")
         int8_quality(model, processor, quantized, args.new_tokens)
-    print("\n| mode | batch | time to first token (s) | tokens/s |\n| --- | --- | --- | --- |")
-    for mode, bs, ttft, tps in rows:
-        print(f"| {mode} | {bs} | {ttft:.3f} | {tps:.1f} |")
+    if rows:
+        print("\n| mode | batch | time to first token (s) | tokens/s |\n| --- | --- | --- | --- |")
+        for mode, bs, ttft, tps in rows:
+            print(f"| {mode} | {bs} | {ttft:.3f} | {tps:.1f} |")
+    if gate_lines:
+        print("\nquality gates (fp32 = the bundled model as loaded):\n" + "\n".join(gate_lines))
     return 0
 
 

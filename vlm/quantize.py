@@ -14,6 +14,7 @@ from __future__ import annotations
 import warnings
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .model import VLM
@@ -87,3 +88,131 @@ def quantize_lm_int8(model: VLM, tokenizer=None, max_error: float = 0.07) -> VLM
         )
     quantized.int8_layers = names
     return quantized
+
+
+# ---------------------------------------------------------------------- faster frozen LM weights
+# Paths that keep the activations in float and change only how the frozen LM's weights are
+# stored: bf16 weights, or int8 weights with one scale per output channel (weight-only int8).
+# Unlike the dynamic quantisation above, no activation is ever rounded to int8.
+
+LM_WEIGHTS = ("float32", "bfloat16", "int8")
+
+
+class Int8WeightLinear(nn.Module):
+    """A frozen linear layer with int8 weights and one float scale per output channel.
+
+    ``weight ≈ int8 * scale[:, None]`` (symmetric, ``scale ≈ max|row| / 127``). The input is
+    cast to ``compute_dtype`` and multiplied by the int8 weights directly where PyTorch has a
+    kernel for it (``torch._weight_int8pack_mm`` on CPU), else by the weights dequantised on
+    the fly; the output goes back to the input's dtype."""
+
+    def __init__(self, linear: nn.Linear, compute_dtype: torch.dtype = torch.bfloat16):
+        super().__init__()
+        weight = linear.weight.detach().float()  # (out, in)
+        # Rounded to the compute dtype first (the kernel multiplies by it), then the grid is its.
+        scale = (weight.abs().amax(dim=1).clamp(min=1e-12) / 127).to(compute_dtype)
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        grid = (weight / scale.float()[:, None]).round().clamp(-127, 127)
+        self.register_buffer("weight_int8", grid.to(torch.int8))
+        self.register_buffer("scale", scale)
+        bias = linear.bias.detach().to(compute_dtype) if linear.bias is not None else None
+        self.register_buffer("bias", bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        flat = x.reshape(-1, self.in_features).to(self.scale.dtype)  # (N, in)
+        if flat.device.type == "cpu" and hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            out = torch.ops.aten._weight_int8pack_mm(flat, self.weight_int8, self.scale)
+        else:
+            out = F.linear(flat, self.weight_int8.to(flat.dtype)) * self.scale
+        if self.bias is not None:
+            out = out + self.bias
+        return out.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.scale.dtype}"
+
+
+def _frozen_lm_linears(model: VLM) -> dict[str, nn.Linear]:
+    """The frozen LM's linear layers by name (decoder layers and LM head), not the adapter's."""
+    return {
+        name: module
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith(("lm.", "head.base")) and ".xattn." not in name
+    }
+
+
+def _replace_modules(root: nn.Module, swap: dict[int, nn.Module]) -> None:
+    """Put ``swap[id(old)]`` wherever ``old`` sits in the tree (a module held in two places,
+    such as the LM head that :class:`~vlm.lm.OutputHead` also holds, is replaced in both)."""
+    for parent in root.modules():
+        for child_name, child in list(parent.named_children()):
+            if id(child) in swap:
+                setattr(parent, child_name, swap[id(child)])
+
+
+def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy: bool = True) -> VLM:
+    """``model`` with its frozen LM weights stored as ``weights`` for CPU decoding.
+
+    ``"bfloat16"``: the decoder layers' weights in bf16 (their activations then run in
+    bf16 too); ``"int8"``: their linear layers as :class:`Int8WeightLinear` (bf16 compute),
+    the rest in bf16. ``head`` (default: ``"float32"`` for ``"bfloat16"``, ``"int8"`` for
+    ``"int8"``): the LM head's weights (``"float32"``, ``"bfloat16"`` or ``"int8"``); kept in
+    float32, next-token scores are not rounded to bf16's 8 bits, which would tie near
+    neighbours. The adapter (resampler, cross-attention, new token rows) and the vision
+    tower keep their dtype. ``copy=False`` changes ``model`` itself (no second copy of the
+    weights) and returns it. ``"float32"``: ``model`` unchanged (or copied)."""
+    import copy as _copy
+
+    if weights not in LM_WEIGHTS:
+        raise ValueError(f"weights must be one of {', '.join(LM_WEIGHTS)}, got {weights!r}")
+    head = head or ("int8" if weights == "int8" else "float32")
+    if head not in LM_WEIGHTS:
+        raise ValueError(f"head must be one of {', '.join(LM_WEIGHTS)}, got {head!r}")
+    if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules()):
+        raise ValueError("this model's LM is already dynamically quantised (quantize_lm_int8)")
+    out = _copy.deepcopy(model) if copy else model
+    if weights == "float32" and head == "float32":
+        return out
+    layers = out.decoder_layers()
+    old_head = out.head.base
+    head_weight = old_head.weight.detach().float().clone()  # before a tied embedding is cast
+    swap: dict[int, nn.Module] = {}
+    if weights != "float32":
+        for layer in layers:
+            layer.decoder_layer.to(torch.bfloat16)
+        for name, child in out.decoder.named_children():
+            # The embedding table and the final norm; rotary tables stay in float32.
+            if not isinstance(child, nn.ModuleList) and "rotary" not in name:
+                child.to(torch.bfloat16)
+        if weights == "int8":
+            for layer in layers:
+                for module in layer.decoder_layer.modules():
+                    if isinstance(module, nn.Linear):
+                        swap[id(module)] = Int8WeightLinear(module)
+    plain = nn.Linear(old_head.in_features, old_head.out_features, bias=old_head.bias is not None)
+    plain.weight = nn.Parameter(head_weight, requires_grad=False)
+    if old_head.bias is not None:
+        plain.bias = nn.Parameter(old_head.bias.detach().float().clone(), requires_grad=False)
+    if head == "int8":
+        swap[id(old_head)] = Int8WeightLinear(plain)
+    else:
+        swap[id(old_head)] = CastingLinear.like(plain, getattr(torch, head))
+    _replace_modules(out, swap)
+    out.lm_weights = (weights, head)
+    return out
+
+
+class CastingLinear(nn.Linear):
+    """A frozen linear layer that casts its input to its weights' dtype and returns that
+    dtype: an LM head kept in float32 under bf16 decoder layers gives float32 scores."""
+
+    @classmethod
+    def like(cls, linear: nn.Linear, dtype: torch.dtype) -> CastingLinear:
+        new = cls(linear.in_features, linear.out_features, bias=linear.bias is not None, device="meta")
+        new.weight = nn.Parameter(linear.weight.detach().to(dtype), requires_grad=False)
+        if linear.bias is not None:
+            new.bias = nn.Parameter(linear.bias.detach().to(dtype), requires_grad=False)
+        return new
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias)

@@ -1,0 +1,104 @@
+"""Faster frozen-LM paths (vlm.quantize.fast_lm): bf16 weights and weight-only int8.
+
+The arithmetic differs from fp32 (activations in bf16), so exact equality is asserted
+where it holds (fp32 mode, the int8 kernel against its own dequantised weights, the
+adapter untouched) and a stated agreement where it cannot (logits within a few percent,
+the first greedy tokens). The quality gates on the real bundled model are printed by
+``benchmarks/generate.py --gates``, not asserted here.
+"""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import shape_image
+from torch import nn
+
+from vlm.generate import GenerationConfig, generate
+from vlm.quantize import CastingLinear, Int8WeightLinear, fast_lm
+
+NO_STOP = GenerationConfig(max_new_tokens=12, stop_token_ids=())
+PROMPT = "the cat <image>sits on <image>the"
+
+
+def _batch(processor):
+    return processor([PROMPT], [[shape_image("blue"), shape_image("green", "square")]])
+
+
+def _tokens(model, batch, **kwargs):
+    return generate(model, batch["pixel_values"], batch["input_ids"], config=NO_STOP, **kwargs).tokens[0]
+
+
+def _logits(model, batch):
+    with torch.inference_mode():
+        return model(**batch).logits.float()
+
+
+def test_int8_linear_is_its_dequantised_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    q = Int8WeightLinear(linear)
+    assert q.weight_int8.dtype == torch.int8 and q.scale.shape == (48,)
+    dequantised = q.weight_int8.float() * q.scale.float()[:, None]
+    # Rounding to the int8 grid moves a weight by at most half a step.
+    assert ((dequantised - linear.weight).abs() <= q.scale.float()[:, None] * 0.51).all()
+    x = torch.randn(3, 5, 64).bfloat16().float()  # (B, S, in), exactly representable in bf16
+    expected = F.linear(x, dequantised, q.bias.float())
+    got = q(x)
+    assert got.shape == (3, 5, 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 output rounding only
+
+
+def test_fp32_mode_is_an_exact_copy(trained_model):
+    model, processor = trained_model("llama")
+    batch = _batch(processor)
+    same = fast_lm(model, "float32")
+    assert same is not model
+    assert _tokens(same, batch) == _tokens(model, batch)
+
+
+@pytest.mark.parametrize("weights", ["bfloat16", "int8"])
+def test_fast_paths_keep_the_adapter_and_agree_with_fp32(trained_model, weights):
+    model, processor = trained_model("llama")
+    batch = _batch(processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = fast_lm(model, weights)
+    # The original is untouched; the adapter and the vision tower keep float32.
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    for name, p in fast.named_parameters():
+        if p.requires_grad or name.startswith(("vision.", "resampler.")):
+            assert p.dtype == torch.float32, name
+    layer = fast.decoder_layers()[0].decoder_layer
+    if weights == "int8":
+        assert isinstance(layer.self_attn.q_proj, Int8WeightLinear)
+        assert isinstance(fast.head.base, Int8WeightLinear) and fast.lm.get_output_embeddings() is fast.head.base
+    else:
+        assert layer.self_attn.q_proj.weight.dtype == torch.bfloat16
+        assert isinstance(fast.head.base, CastingLinear) and fast.head.base.weight.dtype == torch.float32
+    # A stated agreement, not equality: activations run in bf16.
+    ref, got = _logits(model, batch), _logits(fast, batch)
+    assert got.dtype == torch.float32
+    assert float((got - ref).norm() / ref.norm()) < {"bfloat16": 0.05, "int8": 0.1}[weights]
+    assert _tokens(fast, batch)[:6] == _tokens(model, batch)[:6]
+
+
+def test_in_place_on_a_tied_lm_keeps_the_head_in_float32(make_model):
+    model, processor = make_model("llama")
+    lm = model.lm
+    lm.lm_head.weight = lm.get_input_embeddings().weight  # tie, as SmolLM2 does
+    model.head.base = lm.lm_head
+    head = lm.lm_head.weight.detach().clone()
+    fast = fast_lm(model, "bfloat16", copy=False)
+    assert fast is model
+    assert model.embed.base.weight.dtype == torch.bfloat16
+    assert model.head.base.weight.dtype == torch.float32
+    assert torch.equal(model.head.base.weight, head)  # taken before the shared table was cast
+    batch = _batch(processor)
+    assert len(_tokens(model, batch)) == NO_STOP.max_new_tokens
+
+
+def test_bad_names_are_errors(make_model):
+    model, _ = make_model("llama")
+    with pytest.raises(ValueError, match="weights must be one of.*'fp8'"):
+        fast_lm(model, "fp8")
+    with pytest.raises(ValueError, match="head must be one of.*'int4'"):
+        fast_lm(model, "bfloat16", head="int4")
