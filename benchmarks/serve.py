@@ -15,11 +15,14 @@ ways by real ``vlm serve`` processes on localhost, each on a freshly started ser
   the running batch between decode steps).
 
 Each client sends ``--requests_per_client`` requests in turn and stops early after
-``--duration`` seconds. Tokens are decoded whatever the model says (``ignore_eos``), so
+``--duration`` seconds. With ``--text_share F`` that fraction of the requests, spread
+over the clients, asks a question without an image. Tokens are decoded whatever the model says (``ignore_eos``), so
 every mode decodes the same number of tokens. Reported: total completion tokens per
 second of wall time, time to first token (first streamed text) and request latency,
-p50 and p95, and each mode's tokens/s over one-at-a-time's. Run it on an idle machine:
-other load on the CPU changes every figure.
+p50 and p95, each mode's tokens/s over one-at-a-time's, and the server process's CPU time
+with tokens per CPU second. Run it on an idle machine: other load on the CPU changes
+every wall-time figure (CPU time much less, so compare runs made under different load
+by tokens per CPU second).
 """
 
 from __future__ import annotations
@@ -102,23 +105,27 @@ class Server:
                 time.sleep(0.5)
         self.load_s = time.monotonic() - started
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time the server process has used (user + system; Linux /proc), else None."""
+        try:
+            fields = Path(f"/proc/{self.process.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def close(self) -> None:
         self.process.terminate()
         self.process.wait(timeout=120)
 
 
-def one_request(client, image: str, question: str, max_tokens: int) -> Result:
+def one_request(client, image: str | None, question: str, max_tokens: int) -> Result:
     start = time.perf_counter()
     first = None
     tokens = 0
+    parts = [{"type": "image_url", "image_url": {"url": image}}] if image else []
     stream = client.chat.completions.create(
         model="bench",
-        messages=[
-            {
-                "role": "user",
-                "content": [{"type": "image_url", "image_url": {"url": image}}, {"type": "text", "text": question}],
-            }
-        ],
+        messages=[{"role": "user", "content": [*parts, {"type": "text", "text": question}]}],
         max_tokens=max_tokens,
         stream=True,
         stream_options={"include_usage": True},
@@ -133,15 +140,20 @@ def one_request(client, image: str, question: str, max_tokens: int) -> Result:
     return Result(tokens, (first or end) - start, end - start)
 
 
-def workload(clients: int, per_client: int, max_tokens: int) -> list[list[tuple[str, int]]]:
-    """Per client, its (question, max_tokens) requests; lengths spread over [max/2, max]."""
+def workload(clients: int, per_client: int, max_tokens: int, text_share: float = 0.0) -> list[list[tuple]]:
+    """Per client, its (question, max_tokens, with an image) requests; lengths spread over
+    [max/2, max]; ``text_share`` of them, spread evenly, without an image."""
     plan = []
     for c in range(clients):
         requests = []
         for r in range(per_client):
             i = c * per_client + r
             share = ((i * 5) % 8) / 7  # 0 … 1, mixed across clients
-            requests.append((QUESTIONS[i % len(QUESTIONS)], max(1, round(max_tokens * (0.5 + 0.5 * share)))))
+            j = r * clients + c  # the order requests start in, roughly
+            text_only = int((j + 1) * text_share) > int(j * text_share)
+            requests.append(
+                (QUESTIONS[i % len(QUESTIONS)], max(1, round(max_tokens * (0.5 + 0.5 * share))), not text_only)
+            )
         plan.append(requests)
     return plan
 
@@ -152,10 +164,10 @@ def run(server: Server, plan, concurrent: bool, duration: float, image: str) -> 
     stop_at = time.perf_counter() + duration
 
     def client(requests):
-        for question, max_tokens in requests:
+        for question, max_tokens, with_image in requests:
             if time.perf_counter() > stop_at:
                 return
-            result = one_request(server.client, image, question, max_tokens)
+            result = one_request(server.client, image if with_image else None, question, max_tokens)
             with lock:
                 results.append(result)
 
@@ -186,17 +198,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--duration", type=float, default=600.0, help="clients start no request after it (s)")
     parser.add_argument("--threads", type=int, help="the server's torch threads")
+    parser.add_argument("--text_share", type=float, default=0.0, help="fraction of requests without an image")
     args = parser.parse_args(argv)
     if min(args.clients, args.requests_per_client, args.max_tokens) < 1:
         parser.error("--clients, --requests_per_client and --max_tokens must be >= 1")
+    if not 0 <= args.text_share <= 1:
+        parser.error(f"--text_share must be in [0, 1], got {args.text_share}")
     model = args.model
     if args.tiny:
         model = str(tiny_checkpoint(Path(tempfile.mkdtemp())))
     image = example_image_uri()
-    plan = workload(args.clients, args.requests_per_client, args.max_tokens)
+    plan = workload(args.clients, args.requests_per_client, args.max_tokens, args.text_share)
+    text_only = sum(not with_image for requests in plan for *_, with_image in requests)
     print(
-        f"{args.clients} clients x {args.requests_per_client} requests, max_tokens {args.max_tokens // 2 or 1}-"
-        f"{args.max_tokens}, model {model or 'bundled'}, {os.cpu_count()} CPUs, load average "
+        f"{args.clients} clients x {args.requests_per_client} requests ({text_only} without an image), max_tokens "
+        f"{args.max_tokens // 2 or 1}-{args.max_tokens}, model {model or 'bundled'}, {os.cpu_count()} CPUs, load average "
         + " ".join(f"{x:.1f}" for x in os.getloadavg()),
         flush=True,
     )
@@ -209,25 +225,35 @@ def main(argv: list[str] | None = None) -> int:
         server = Server(model, batching, args.clients, args.threads)
         try:
             one_request(server.client, image, QUESTIONS[0], 2)  # warm-up
+            cpu = server.cpu_seconds()
             results, wall = run(server, plan, concurrent, args.duration, image)
+            cpu = None if cpu is None else server.cpu_seconds() - cpu
         finally:
             server.close()
         tokens = sum(r.tokens for r in results)
         ttft = [r.ttft for r in results]
         latency = [r.latency for r in results]
-        rows.append((label, len(results), tokens, wall, tokens / wall, ttft, latency))
+        rows.append((label, len(results), tokens, wall, tokens / wall, ttft, latency, cpu))
         print(f"  {label}: {len(results)} requests, {tokens} tokens in {wall:.1f} s", flush=True)
     base = rows[0][4]
+    base_cpu = rows[0][2] / rows[0][7] if rows[0][7] else None
     header = f"{'mode':<14} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x one':>6}"
-    header += f" {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'lat p95':>8}"
+    header += (
+        f" {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'lat p95':>8} {'CPU s':>7} {'tok/CPU s':>9} {'x one':>6}"
+    )
     print("\n" + header)
-    for label, n, tokens, wall, rate, ttft, latency in rows:
+    for label, n, tokens, wall, rate, ttft, latency, cpu in rows:
+        per_cpu = tokens / cpu if cpu else None
         print(
             f"{label:<14} {n:>8} {tokens:>7} {wall:>7.1f} {rate:>9.2f} {rate / base:>6.2f}"
             f" {percentile(ttft, 50):>9.2f} {percentile(ttft, 95):>9.2f}"
             f" {percentile(latency, 50):>8.2f} {percentile(latency, 95):>8.2f}"
+            + (f" {cpu:>7.1f} {per_cpu:>9.2f} {per_cpu / base_cpu:>6.2f}" if per_cpu and base_cpu else "")
         )
-    print("(seconds; x one: tokens/s over one at a time)")
+    print(
+        "(seconds; x one: tokens/s over one at a time; CPU s: the server process's CPU time, which other\n"
+        "load on the machine changes less than wall time, so tok/CPU s compares runs made under different load)"
+    )
     return 0
 
 

@@ -40,8 +40,17 @@ def build_parser() -> argparse.ArgumentParser:
         default="continuous",
         help="static: a batch runs until its last request ends (a baseline for benchmarks/serve.py)",
     )
-    add("--max_tokens", type=int, default=256, metavar="N", help="for requests that set none (%(default)s)")
-    add("--temperature", type=float, default=0.0, help="for requests that set none; 0: greedy (%(default)s)")
+    add(
+        "--max_tokens",
+        type=int,
+        metavar="N",
+        help="for requests that set none (default: the checkpoint's generation_config.json, as vlm chat decodes)",
+    )
+    add(
+        "--temperature",
+        type=float,
+        help="for requests that set none; 0: greedy (default: the checkpoint's generation_config.json)",
+    )
     add("--timeout", type=float, default=600.0, metavar="S", help="per request; 0: none (default: %(default)s)")
     add("--max_request_bytes", type=int, default=20 * 2**20, metavar="N", help="larger: 413 (%(default)s)")
     add("--max_image_pixels", type=int, default=DEFAULT_MAX_IMAGE_PIXELS, metavar="N", help="larger: 413 (%(default)s)")
@@ -62,12 +71,22 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    numbers = (args.max_concurrent, args.max_tokens, args.max_request_bytes, args.max_image_pixels)
+    numbers = (
+        args.max_concurrent,
+        1 if args.max_tokens is None else args.max_tokens,
+        args.max_request_bytes,
+        args.max_image_pixels,
+    )
     if min(numbers) < 1 or args.max_queued < 0 or (args.threads is not None and args.threads < 1):
         parser.error(
             "--max_concurrent, --max_tokens, --max_request_bytes, --max_image_pixels and --threads must be >= 1"
         )
-    if not 0 <= args.temperature <= 2 or args.timeout < 0 or args.shutdown_timeout < 0 or not 0 <= args.port < 65536:
+    if (
+        not 0 <= (args.temperature or 0) <= 2
+        or args.timeout < 0
+        or args.shutdown_timeout < 0
+        or not 0 <= args.port < 65536
+    ):
         parser.error("--temperature must be in [0, 2]; --timeout, --shutdown_timeout and --port in range")
     if args.model is not None and not (Path(args.model) / "config.json").is_file():
         parser.error(f"--model {args.model}: not a vlm checkpoint folder (no config.json)")
@@ -85,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     from vlm.engine import Engine, EngineConfig
 
     from .media import MediaPolicy
-    from .server import ServerSettings, build_app
+    from .server import ServerSettings, build_app, generation_defaults
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -95,6 +114,10 @@ def main(argv: list[str] | None = None) -> int:
         model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None).eval()
     except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
         parser.exit(2, f"{parser.prog}: error: cannot load the model on {device}: {e}\n")
+    try:
+        generation = generation_defaults(model, args.max_tokens, args.temperature)
+    except ValueError as e:
+        parser.exit(2, f"{parser.prog}: error: {e}\n")
     name = args.served_model_name or (Path(args.model).resolve().name if args.model else "vlm-default")
     engine = Engine(
         model,
@@ -115,8 +138,7 @@ def main(argv: list[str] | None = None) -> int:
             allowed_local_paths=tuple(folders),
         ),
         max_request_bytes=args.max_request_bytes,
-        default_max_tokens=args.max_tokens,
-        default_temperature=args.temperature,
+        generation=generation,
         timeout_s=args.timeout or None,
     )
     app = build_app(engine, processor, settings)

@@ -59,7 +59,8 @@ class ChatRequest:
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
-    stop: tuple[str, ...] = ()
+    stop: tuple[str, ...] | None = None
+    """None: the request sets none (the server's defaults apply)."""
     stream: bool = False
     include_usage: bool = False
     ignore_eos: bool = False
@@ -122,14 +123,14 @@ def parse_chat_request(body: Any, max_images: int) -> ChatRequest:
     seed = _int(body, "seed", None)
     stop = body.get("stop")
     if stop is None:
-        stop = ()
+        pass
     elif isinstance(stop, str):
         stop = (stop,)
     elif isinstance(stop, list) and all(isinstance(s, str) for s in stop) and len(stop) <= 4:
         stop = tuple(stop)
     else:
         raise APIError(400, "'stop' must be a string or a list of up to 4 strings", param="stop")
-    if any(not s for s in stop):
+    if stop is not None and any(not s for s in stop):
         raise APIError(400, "stop strings must not be empty", param="stop")
     stream = _bool(body, "stream")
     options = body.get("stream_options")

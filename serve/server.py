@@ -51,10 +51,11 @@ class ServerSettings:
     media: MediaPolicy
     max_request_bytes: int = 20 * 2**20
     """Larger request bodies are refused with 413."""
-    default_max_tokens: int = 256
-    """For requests that set no ``max_tokens`` (lowered to what the context leaves)."""
-    default_temperature: float = 0.0
-    """For requests that set no ``temperature``; 0 decodes greedily (the library's default)."""
+    generation: GenerationConfig | None = None
+    """Decoding for what a request does not set (``max_tokens``, lowered to what the context
+    leaves, ``temperature``, ``top_p``, ``seed``, ``stop``; and ``top_k``,
+    ``repetition_penalty`` and stop tokens, which requests cannot set). None: the
+    checkpoint's defaults for chat, :func:`generation_defaults` of the model."""
     timeout_s: float | None = 600.0
     """Per request, from arrival to its last token; then 504 (or an error event in a stream)."""
     created: int = field(default_factory=lambda: int(time.time()))
@@ -63,6 +64,7 @@ class ServerSettings:
 def build_app(engine: Engine, processor: Processor, settings: ServerSettings) -> Starlette:
     """The app for one model. Its lifespan starts ``engine`` (unless it runs already) and
     shuts it down, ending whatever is still in flight."""
+    defaults = settings.generation if settings.generation is not None else generation_defaults(engine.model)
     model_card = {"id": settings.model_name, "object": "model", "created": settings.created, "owned_by": "vlm"}
     max_images = engine.model.config.resampler.max_images
 
@@ -85,7 +87,7 @@ def build_app(engine: Engine, processor: Processor, settings: ServerSettings) ->
         if chat.model != settings.model_name:
             raise _unknown_model(chat.model)
         input_ids, images = await asyncio.to_thread(_prepare, processor, chat.conversation, settings.media)
-        config = _generation_config(chat, input_ids.shape[1], engine.max_context, settings)
+        config = _generation_config(chat, input_ids.shape[1], engine.max_context, defaults)
         cid = new_id()
         loop = asyncio.get_running_loop()
         if chat.stream:
@@ -203,7 +205,32 @@ def _prepare(processor: Processor, conv: Conversation, media: MediaPolicy):
     return batch["input_ids"], batch["pixel_values"]
 
 
-def _generation_config(chat: ChatRequest, prompt_tokens: int, context: int | None, settings: ServerSettings):
+def generation_defaults(model, max_tokens: int | None = None, temperature: float | None = None) -> GenerationConfig:
+    """The server's decoding defaults: the checkpoint's for chat, as ``vlm chat`` decodes
+    (``VQA.generation_config``: its ``generation_config.json``, top-level options then the
+    ``vqa`` section, else the task's own defaults), under the server's ``max_tokens`` and
+    ``temperature`` (0: greedy) where given. The engine decodes one token a step for every
+    row: prompt-lookup drafts (an exact speed-up of greedy decoding) are left out, and beams
+    are refused with the reason."""
+    from vlm.tasks import VQA
+
+    config = VQA.generation_config(model)
+    if max_tokens is not None:
+        config.max_new_tokens = max_tokens
+    if temperature is not None:
+        config.do_sample = temperature > 0
+        config.temperature = temperature if temperature > 0 else config.temperature
+    config.prompt_lookup = 0
+    if config.num_beams != 1:
+        raise ValueError(
+            f"the checkpoint's generation defaults for chat ask for num_beams={config.num_beams}; "
+            "the server decodes greedily or by sampling (set num_beams to 1 in its generation_config.json)"
+        )
+    return config.validate()
+
+
+def _generation_config(chat: ChatRequest, prompt_tokens: int, context: int | None, defaults: GenerationConfig):
+    """The request's decoding: what it sets, ``defaults`` for the rest."""
     room = None if context is None else context - prompt_tokens
     if room is not None and room < 1:
         raise APIError(
@@ -214,7 +241,7 @@ def _generation_config(chat: ChatRequest, prompt_tokens: int, context: int | Non
         )
     max_tokens = chat.max_tokens
     if max_tokens is None:
-        max_tokens = settings.default_max_tokens if room is None else min(settings.default_max_tokens, room)
+        max_tokens = defaults.max_new_tokens if room is None else min(defaults.max_new_tokens, room)
     elif room is not None and max_tokens > room:
         raise APIError(
             400,
@@ -223,16 +250,18 @@ def _generation_config(chat: ChatRequest, prompt_tokens: int, context: int | Non
             param="max_tokens",
             code="context_length_exceeded",
         )
-    temperature = chat.temperature if chat.temperature is not None else settings.default_temperature
-    sample = temperature > 0
-    return GenerationConfig(
+    sample, temperature = defaults.do_sample, defaults.temperature
+    if chat.temperature is not None:
+        sample = chat.temperature > 0
+        temperature = chat.temperature if sample else temperature
+    return defaults.replace(
         max_new_tokens=max_tokens,
         do_sample=sample,
-        temperature=temperature if sample else 1.0,
-        top_p=chat.top_p if (sample and chat.top_p is not None) else 1.0,
-        seed=chat.seed,
-        stop_strings=chat.stop,
-        stop_token_ids=() if chat.ignore_eos else None,
+        temperature=temperature,
+        top_p=chat.top_p if chat.top_p is not None else defaults.top_p,
+        seed=chat.seed if chat.seed is not None else defaults.seed,
+        stop_strings=chat.stop if chat.stop is not None else defaults.stop_strings,
+        stop_token_ids=() if chat.ignore_eos else defaults.stop_token_ids,
     )
 
 

@@ -49,7 +49,7 @@ def _configs(model, processor):
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "qwen2"])
-def test_staggered_requests_get_exactly_their_tokens_alone(trained_model, family):
+def test_staggered_requests_get_exactly_their_tokens_alone(trained_model, family, monkeypatch):
     model, processor = trained_model(family)
     tok = processor.tokenizer
     configs = _configs(model, processor)
@@ -58,6 +58,7 @@ def test_staggered_requests_get_exactly_their_tokens_alone(trained_model, family
         ids, images = _inputs(processor, k)
         alone.append(generate(model, images, ids, config=cfg, tokenizer=tok))
     assert alone[2].finish_reasons == ["stop_string"]
+    calls = _feeds(monkeypatch)
     # Four rows at most: later requests wait, then join a batch that is mid-decode.
     engine = Engine(model, tok, EngineConfig(max_concurrent=4, max_queued=8))
     requests, streams, texts = [], [], []
@@ -79,8 +80,10 @@ def test_staggered_requests_get_exactly_their_tokens_alone(trained_model, family
         assert request.text == reference.texts[0], f"request {k}"
         assert request.finish_reason == REASONS[reference.finish_reasons[0]], f"request {k}"
         assert "".join(texts[k]) == request.text  # the events add up to the answer
-    # They really shared steps: fewer batched steps than rows decoded.
+    # They really shared steps: fewer batched steps than rows decoded, text-only requests
+    # and image requests in the same steps.
     assert engine.decode_steps < sum(r.decode_steps for r in requests)
+    assert any(mixed for _, new, mixed in calls if new == 1)
     assert sum(engine.stats()["finished"].values()) == 8
 
 
@@ -143,11 +146,117 @@ def test_sessions_of_different_lengths_and_images_decode_as_one_batch(trained_mo
             ids, images = _inputs(processor, [0, 1, 3, 5][i])
             expected = Session(model, images).feed(torch.cat([ids, torch.tensor([[7, 9]])], dim=1))
             torch.testing.assert_close(again[row : row + 1], expected, rtol=1e-5, atol=1e-5)
-        with pytest.raises(ValueError, match="all have images or all have none"):
-            ids, _ = _inputs(processor, 2)
-            text_only = Session(model, None)
-            text_only.feed(ids)
-            Session.concat([sessions[0], text_only])
+
+
+def test_sessions_with_and_without_images_decode_as_one_batch(trained_model):
+    model, processor = trained_model("llama")
+    with torch.inference_mode():
+        sessions, alone = [], []
+        for k in (2, 1, 4, 0):  # no image, 2 images, no image, 1 image
+            ids, images = _inputs(processor, k)
+            a, b = Session(model, images), Session(model, images)
+            a.feed(ids), b.feed(ids)
+            sessions.append(a)
+            alone.append(b.feed(torch.tensor([[7]])))  # (1, V)
+        batch = Session.concat(sessions)
+        assert batch.latents.shape[:2] == (4, 2)
+        assert not bool(batch.latents[0].any()) and not bool(batch.latents[2].any())  # zero images
+        together = batch.feed(torch.tensor([[7]] * 4))
+        torch.testing.assert_close(together, torch.cat(alone), rtol=1e-5, atol=1e-5)
+        # The rows with images leave: the image slots go, and the cross-attention blocks stop running.
+        batch.keep(torch.tensor([0, 2, 3]))
+        batch.trim_padding()
+        assert batch.latents.shape[1] == 1  # the 2-image row has gone
+        batch.keep(torch.tensor([0, 1]))
+        batch.trim_padding()
+        assert batch.latents is None and batch.media_kv == {}
+        again = batch.feed(torch.tensor([[9]] * 2))
+        for row, k in enumerate((2, 4)):
+            ids, _ = _inputs(processor, k)
+            expected = Session(model, None).feed(torch.cat([ids, torch.tensor([[7, 9]])], dim=1))
+            torch.testing.assert_close(again[row : row + 1], expected, rtol=1e-5, atol=1e-5)
+        # A prefix copied from a text-only row of a mixed batch is text-only.
+        mixed = Session.concat(sessions[:2])
+        assert mixed.prefix_copy(2, row=0).latents is None
+        assert mixed.prefix_copy(2, row=1).latents.shape[1] == 2
+
+
+def _feeds(monkeypatch):
+    """Records each Session.feed: (rows, new tokens, whether a row without images shared
+    the call with rows that have them)."""
+    calls = []
+    feed = Session.feed
+
+    def spy(self, input_ids, *args, **kwargs):
+        mixed = False
+        if self.latents is not None:
+            ids = input_ids if self.ids is None else torch.cat([self.ids, input_ids], dim=1)
+            mixed = bool((~(ids == self.model.image_token_id).any(1)).any())
+        calls.append((input_ids.shape[0], input_ids.shape[1], mixed))
+        return feed(self, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(Session, "feed", spy)
+    return calls
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "qwen2"])
+def test_requests_admitted_together_are_prefilled_as_one_batch_and_stay_exact(trained_model, family, monkeypatch):
+    model, processor = trained_model(family)
+    tok = processor.tokenizer
+    configs = _configs(model, processor)
+    alone = []
+    for k, cfg in enumerate(configs):
+        ids, images = _inputs(processor, k)
+        alone.append(generate(model, images, ids, config=cfg, tokenizer=tok).tokens[0])
+    calls = _feeds(monkeypatch)
+    engine = Engine(model, tok, EngineConfig(max_concurrent=8))
+    requests = []
+    for k, cfg in enumerate(configs):  # all waiting before the engine starts: admitted at one step
+        ids, images = _inputs(processor, k)
+        requests.append(engine.submit(ids, images, cfg))
+    with engine:
+        for request in requests:
+            assert request.wait(60)
+    for k, (request, reference) in enumerate(zip(requests, alone)):
+        assert request.tokens == reference, f"request {k}"
+    prefills = [c for c in calls if c[1] > 1]
+    assert [c[0] for c in prefills] == [8]  # one prefill call for all eight prompts
+    decodes = [c for c in calls if c[1] == 1]
+    assert len(decodes) == engine.decode_steps
+    assert any(mixed for _, _, mixed in decodes)  # text-only and image rows in one step
+    # One batch: as many steps as the longest request needed, not one per kind.
+    assert engine.decode_steps == max(r.decode_steps for r in requests)
+
+
+def test_a_group_prefill_reuses_a_cached_system_prompt_and_stays_exact(trained_model, monkeypatch):
+    model, processor = trained_model("llama")  # ChatML
+    processor = copy.copy(processor)
+    processor.system_prompt = "You are a careful assistant. Answer about the shapes, their colours and places."
+    questions = [("what colour?", ["red"]), ("and this one?", ["blue", "green"]), ("where is it", ["cyan"])]
+    questions += [("is it round", ["red"]), ("hello there", []), ("how many shapes", [])]
+    inputs = []
+    for question, colours in questions:
+        batch = processor(
+            [processor.chat_segments([(question, None)], num_images=len(colours))], [[shape_image(c) for c in colours]]
+        )
+        inputs.append((batch["input_ids"], batch["pixel_values"]))
+    cfg = GenerationConfig(max_new_tokens=6, stop_token_ids=())
+    alone = [generate(model, images, ids, config=cfg).tokens[0] for ids, images in inputs]
+    calls = _feeds(monkeypatch)
+    # Static batches of 3 wait until full: the first one caches the system prompt of each
+    # kind (with and without images), the second group is prefilled from it.
+    config = EngineConfig(max_concurrent=3, policy="static", batch_window_s=30)
+    with Engine(model, processor.tokenizer, config) as engine:
+        first = [engine.submit(ids, images, cfg) for ids, images in (inputs[0], inputs[4], inputs[1])]
+        assert all(r.wait(60) for r in first)
+        second = [engine.submit(ids, images, cfg) for ids, images in (inputs[2], inputs[5], inputs[3])]
+        assert all(r.wait(60) for r in second)
+    got = {0: first[0], 4: first[1], 1: first[2], 2: second[0], 5: second[1], 3: second[2]}
+    assert [got[k].tokens for k in range(6)] == alone
+    prefills = [c for c in calls if c[1] > 1]
+    assert [c[0] for c in prefills] == [3, 3]
+    longest = max(ids.shape[1] for ids, _ in inputs)
+    assert prefills[1][1] < longest - 16  # the second group ran only what follows the shared part
 
 
 def _long(max_new_tokens=200):
@@ -222,10 +331,27 @@ def test_requests_the_engine_cannot_serve_are_refused(trained_model):
     model, processor = trained_model("llama")
     ids, images = _inputs(processor, 1)
     engine = Engine(model, processor.tokenizer)
-    with pytest.raises(ValueError, match="no beams"):
+    with pytest.raises(ValueError, match=r"num_beams must be 1 \(got 2\)"):
         engine.submit(ids, images, GenerationConfig(num_beams=2))
     with pytest.raises(ValueError, match="2 image markers but 1 images"):
         engine.submit(ids, images[:, :1])
     with pytest.raises(ValueError, match="context"):
         engine.submit(torch.ones(1, 300, dtype=torch.long))
     engine.shutdown()
+
+
+def test_a_repetition_penalty_gives_its_tokens_alone_in_a_batch(trained_model):
+    model, processor = trained_model("llama")
+    configs = [
+        GenerationConfig(max_new_tokens=12, stop_token_ids=(), repetition_penalty=1.5),
+        GenerationConfig(max_new_tokens=12, stop_token_ids=()),
+        GenerationConfig(max_new_tokens=12, stop_token_ids=(), repetition_penalty=0.7, do_sample=True, seed=3),
+    ]
+    inputs = [_inputs(processor, k) for k in (1, 2, 6)]
+    alone = [generate(model, images, ids, config=cfg).tokens[0] for (ids, images), cfg in zip(inputs, configs)]
+    assert alone[0] != generate(model, inputs[0][1], inputs[0][0], config=configs[1]).tokens[0]  # it matters
+    engine = Engine(model, processor.tokenizer)
+    requests = [engine.submit(ids, images, cfg) for (ids, images), cfg in zip(inputs, configs)]
+    with engine:
+        assert all(r.wait(60) for r in requests)
+    assert [r.tokens for r in requests] == alone

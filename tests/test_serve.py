@@ -379,3 +379,60 @@ def test_requests_run_in_parallel_share_steps(srv):
             alone.tokens[0], skip_special_tokens=True
         )
     assert srv.engine.decode_steps - steps < 6 * 19  # fewer steps than one request after another
+
+
+def test_defaults_come_from_the_checkpoint_then_the_servers_flags_then_the_request(checkpoint, tmp_path):
+    """What a request does not set comes from the checkpoint's generation_config.json (as
+    vlm chat decodes: top level, then the vqa section), where the server's own flags do not
+    override it."""
+    import shutil
+
+    from vlm.tasks import VQA
+
+    folder = tmp_path / "ckpt"
+    shutil.copytree(checkpoint, folder)
+    saved = {"repetition_penalty": 1.4, "top_k": 7, "tasks": {"vqa": {"max_new_tokens": 9}}}
+    (folder / "generation_config.json").write_text(json.dumps(saved))
+    from vlm_serve.app import build_parser
+
+    flags = build_parser().parse_args([])
+    assert flags.max_tokens is None and flags.temperature is None  # unset: the checkpoint's
+    with running_server(folder) as srv:
+        defaults = server_module.generation_defaults(srv.model)
+        assert (defaults.max_new_tokens, defaults.repetition_penalty, defaults.top_k) == (9, 1.4, 7)
+        assert not defaults.do_sample  # greedy, as vlm chat
+        flagged = server_module.generation_defaults(srv.model, max_tokens=4, temperature=0.5)
+        assert (flagged.max_new_tokens, flagged.do_sample, flagged.temperature) == (4, True, 0.5)
+        assert flagged.repetition_penalty == 1.4  # what no flag sets stays the checkpoint's
+        assert not server_module.generation_defaults(srv.model, temperature=0).do_sample
+
+        question = "what colour is it?"
+        batch = srv.processor([srv.processor.chat_segments([(question, None)], num_images=0)])
+        chat = VQA.generation_config(srv.model, stop_token_ids=())
+        expected = generate(srv.model, None, batch["input_ids"], config=chat).tokens[0]
+        plain = generate(srv.model, None, batch["input_ids"], config=chat.replace(repetition_penalty=1.0)).tokens[0]
+        assert expected != plain  # the checkpoint's penalty changes this answer
+        answer = srv.client.chat.completions.create(
+            model=MODEL, messages=ask(question), extra_body={"ignore_eos": True}
+        )
+        assert answer.usage.completion_tokens == 9  # the checkpoint's max_new_tokens for chat
+        assert answer.choices[0].message.content == srv.processor.tokenizer.decode(expected, skip_special_tokens=True)
+        # The request's own options win.
+        answer = srv.client.chat.completions.create(
+            model=MODEL, messages=ask(question), max_tokens=3, extra_body={"ignore_eos": True}
+        )
+        assert answer.usage.completion_tokens == 3
+    # Flags over the checkpoint: a server started with --max_tokens 5.
+    with running_server(folder, generation=server_module.generation_defaults(srv.model, max_tokens=5)) as srv:
+        answer = srv.client.chat.completions.create(
+            model=MODEL, messages=ask(question), extra_body={"ignore_eos": True}
+        )
+        assert answer.usage.completion_tokens == 5
+    # Prompt-lookup drafts (greedy's tokens in fewer passes) are left out; beams are refused with the reason.
+    (folder / "generation_config.json").write_text(json.dumps({"tasks": {"vqa": {"prompt_lookup": 3}}}))
+    model, _ = vlm.from_pretrained(folder, verbose=False)
+    assert server_module.generation_defaults(model).prompt_lookup == 0
+    (folder / "generation_config.json").write_text(json.dumps({"tasks": {"vqa": {"num_beams": 3}}}))
+    model, _ = vlm.from_pretrained(folder, verbose=False)
+    with pytest.raises(ValueError, match="num_beams=3"):
+        server_module.generation_defaults(model)

@@ -4,21 +4,21 @@ Requests wait in a queue; one background thread runs the model. Between two deco
 steps it admits waiting requests and removes finished ones, so a long answer never holds
 back a short one (Orca's iteration-level scheduling, Yu et al. 2022):
 
-- Admitting a request prefills it alone, as :func:`vlm.generate.generate` would: a
-  :class:`~vlm.session.Session` of its own encodes its images, computes each
-  cross-attention layer's keys/values over them once, runs the prompt and picks the first
-  token. The session then joins the running batch (:meth:`Session.concat`). A prompt
-  prefix before the first image that the previous request shared (a chat template's
-  system prompt) is copied from it instead of run again (``prefix_min_tokens``).
+- Requests admitted at the same step are prefilled together: their images encoded in
+  one call (per image count), each cross-attention layer's keys/values over them computed
+  once, their prompts run as one left-padded batch, and each one's first token picked.
+  They then join the running batch (:meth:`Session.concat`). A prompt prefix before the
+  first image that an earlier request of its kind shared (a chat template's system
+  prompt) is copied from it instead of run again (``prefix_min_tokens``).
 - Rows of different lengths share a step by left padding: a shorter row's LM cache gets
   masked zero slots on the left, and positions count real tokens only, so every row sees
   the positions and keys it had alone. Images are padded to the most any row holds; the
   cross-attention mask lets a token reach only images up to its own ``<image>`` count, so
   padded images are never attended to.
-- Requests without images decode in a batch of their own, since a session holds images
-  for all its rows or for none (``Session.concat``). The model would give them the same
-  tokens in a batch with images (the blocks leave a row without images untouched), so
-  one batch for both kinds, one forward pass per step, needs only sessions that mix them.
+- Requests with and without images share one batch: a row without images gets zero
+  images, and the cross-attention blocks leave a row with no ``<image>`` untouched, so it
+  gets the tokens it gets alone. When the last row with images leaves, the blocks stop
+  running (``Session.trim_padding``).
 - A row leaves at once when it finishes (stop token, stop string, ``max_new_tokens``,
   the context limit), is cancelled (``Request.cancel``: a client that went away) or runs
   past its deadline; padding that only departed rows needed is dropped.
@@ -200,6 +200,15 @@ class _Row:
     sent: int = 0
     """Characters of ``text`` already given out."""
     text: str = ""
+    prompt: torch.Tensor | None = None
+    """(1, S) the prompt's ids: with a repetition penalty, what the row has seen besides its tokens."""
+
+    def seen(self) -> torch.Tensor | None:
+        """(1, S + n) the tokens fed so far, as :func:`vlm.generate.generate` penalises them."""
+        if self.request.config.repetition_penalty == 1.0:
+            return None
+        new = torch.tensor([self.request.tokens], dtype=torch.long, device=self.prompt.device)
+        return torch.cat([self.prompt, new], dim=1)
 
 
 @dataclass
@@ -239,7 +248,7 @@ class Engine:
         self._base_stops = _stop_ids(model, tokenizer, GenerationConfig())
         self._cond = threading.Condition()
         self._waiting: collections.deque[Request] = collections.deque()
-        self._batches = {False: _Batch(), True: _Batch()}  # by "has images"
+        self._batch = _Batch()
         self._admitting: collections.deque[Request] = collections.deque()
         self._prefixes: dict[bool, Session] = {}  # by "has images": the last shared prompt prefix
         self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
@@ -285,13 +294,16 @@ class Engine:
         ``images`` (T, C, H, W) or (1, T, C, H, W) for its ``<image>`` markers, or None.
 
         ``config``: greedy or sampling (``temperature``, ``top_k``, ``top_p``, ``seed``),
-        ``max_new_tokens``, ``stop_token_ids``, ``stop_strings``; not beams, prompt lookup or
-        a repetition penalty. ``listener`` is called on the engine thread with each
+        ``repetition_penalty``, ``max_new_tokens``, ``stop_token_ids``, ``stop_strings``; not
+        beams or prompt lookup. ``listener`` is called on the engine thread with each
         :class:`Output` (keep it short; hand work to another thread). Raises
         :class:`QueueFull`, :class:`EngineClosed` or ``ValueError``."""
         cfg = GenerationConfig(**(config.__dict__ if config else {})).validate()
-        if cfg.num_beams != 1 or cfg.prompt_lookup or cfg.repetition_penalty != 1.0:
-            raise ValueError("the engine decodes greedily or by sampling: no beams, prompt lookup or penalty")
+        if cfg.num_beams != 1 or cfg.prompt_lookup:
+            raise ValueError(
+                f"the engine decodes greedily or by sampling, one token a step: num_beams must be 1 (got "
+                f"{cfg.num_beams}) and prompt_lookup 0 (got {cfg.prompt_lookup})"
+            )
         ids = torch.as_tensor(input_ids, dtype=torch.long).reshape(-1)
         if ids.numel() == 0:
             raise ValueError("the prompt is empty")
@@ -380,23 +392,21 @@ class Engine:
                         break
                     self._admitting.extend(admit)
                     self._expire()
-                    while self._admitting:
-                        self._admit(self._admitting[0])
-                        self._admitting.popleft()
-                    for has_images in (False, True):
-                        if self._batches[has_images].rows:
-                            self._step(self._batches[has_images])
+                    if self._admitting:
+                        self._admit(list(self._admitting))
+                        self._admitting.clear()
+                    if self._batch.rows:
+                        self._step(self._batch)
         except BaseException:  # noqa: B036 - logged, then every request is ended below
             log.exception("the engine thread failed")
         finally:
             for request in self._admitting:  # taken from the queue, not yet in a batch
                 self._finish(_Row(request, set(), None, 0), "shutdown")
             self._admitting.clear()
-            for batch in self._batches.values():
-                for row in list(batch.rows):
-                    self._finish(row, "shutdown")
-                batch.rows.clear()
-                batch.session = None
+            for row in list(self._batch.rows):
+                self._finish(row, "shutdown")
+            self._batch.rows.clear()
+            self._batch.session = None
             with self._cond:
                 self._closing = True
             self._end_waiting("shutdown")
@@ -452,68 +462,131 @@ class Engine:
 
     def _expire(self) -> None:
         now = time.monotonic()
-        for batch in self._batches.values():
-            gone = []
-            for row in batch.rows:
-                request = row.request
-                if request._cancelled.is_set():
-                    gone.append((row, "cancelled"))
-                elif request._deadline is not None and now > request._deadline:
-                    gone.append((row, "timeout"))
-            for row, reason in gone:
-                self._finish(row, reason)
-            if gone:
-                self._drop(batch, [row for row, _ in gone])
+        gone = []
+        for row in self._batch.rows:
+            request = row.request
+            if request._cancelled.is_set():
+                gone.append((row, "cancelled"))
+            elif request._deadline is not None and now > request._deadline:
+                gone.append((row, "timeout"))
+        for row, reason in gone:
+            self._finish(row, reason)
+        if gone:
+            self._drop(self._batch, [row for row, _ in gone])
 
-    def _admit(self, request: Request) -> None:
-        with self._cond:
-            input_ids, images = self._inputs.pop(request.id)
-        cfg = request.config
-        row = _Row(request, self._stops(cfg), self._generator(cfg), self._limit(request))
-        if request._cancelled.is_set():
-            self._finish(row, "cancelled")
-            return
+    def _admit(self, requests: list[Request]) -> None:
+        """Prefill ``requests`` together and add them to the running batch."""
+        rows, inputs = [], []
+        for request in requests:
+            with self._cond:
+                input_ids, images = self._inputs.pop(request.id)
+            cfg = request.config
+            row = _Row(request, self._stops(cfg), self._generator(cfg), self._limit(request))
+            if request._cancelled.is_set():
+                self._finish(row, "cancelled")
+                continue
+            row.prompt = input_ids.to(self.device)
+            rows.append(row)
+            inputs.append((row.prompt, images))
+        if rows:
+            self._join(rows, inputs)
+
+    def _join(self, rows: list[_Row], inputs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
         try:
-            session, logits = self._prefill(input_ids.to(self.device), images)
-            token = int(_pick(process_logits(logits, None, cfg), cfg, row.generator)[0])
-        except Exception as e:  # this request's problem (a bad input): the others go on
-            log.exception("request %s: prefill failed", request.id)
-            self._finish(row, "error", e)
+            session, logits = self._prefill(inputs)  # (B, V)
+            tokens = [
+                int(
+                    _pick(
+                        process_logits(logits[k : k + 1], row.seen(), row.request.config),
+                        row.request.config,
+                        row.generator,
+                    )[0]
+                )
+                for k, row in enumerate(rows)
+            ]
+        except Exception as e:
+            if len(rows) > 1:  # one request's problem (a bad input) must not fail the others
+                log.warning("a prefill of %d requests failed (%s); prefilling them one by one", len(rows), e)
+                for row, one in zip(rows, inputs):
+                    self._join([row], [one])
+                return
+            log.exception("request %s: prefill failed", rows[0].request.id)
+            self._finish(rows[0], "error", e)
             return
-        if self._advance(row, token):
+        alive = [k for k, (row, token) in enumerate(zip(rows, tokens)) if not self._advance(row, token)]
+        if not alive:
             return
-        batch = self._batches[images is not None]
+        if len(alive) < len(rows):
+            session.keep(torch.tensor(alive, device=self.device))
+            session.trim_padding()
+            rows = [rows[k] for k in alive]
+        batch = self._batch
         try:
             merged = session if batch.session is None else Session.concat([batch.session, session], self.pad_token_id)
         except Exception as e:
-            log.exception("request %s: cannot join the running batch", request.id)
-            self._finish(row, "error", e)
+            log.exception("requests %s: cannot join the running batch", ", ".join(row.request.id for row in rows))
+            for row in rows:
+                self._finish(row, "error", e)
             return
-        batch.rows.append(row)
+        batch.rows.extend(rows)
         batch.session = merged
 
-    def _prefill(self, ids: torch.Tensor, images: torch.Tensor | None) -> tuple[Session, torch.Tensor]:
-        """A session of its own for one request, its prompt ``ids`` (1, S) run; returns it and
-        the next-token logits (1, V). The part of the prompt before its first image that the
-        previous request of its kind shared (a system prompt) is copied, not run again."""
-        session = Session(self.model, images.to(self.device) if images is not None else None)
-        kind = images is not None
-        # Tokens whose hidden states do not depend on the images: those before the first one.
-        markers = (ids[0] == self.model.image_token_id).nonzero()
-        shareable = int(markers[0, 0]) if len(markers) else ids.shape[1] - 1
-        start = 0
-        cached = self._prefixes.get(kind)
-        if self.config.prefix_min_tokens and cached is not None and shareable >= self.config.prefix_min_tokens:
-            n = min(shareable, cached.length)
-            start = int((cached.ids[0, :n] == ids[0, :n]).long().cumprod(0).sum())
-            if start >= self.config.prefix_min_tokens:
-                session.start_from(cached, start)
-            else:
-                start = 0
-        logits = session.feed(ids[:, start:])  # (1, V)
-        if self.config.prefix_min_tokens and start < shareable and shareable >= self.config.prefix_min_tokens:
-            self._prefixes[kind] = session.prefix_copy(shareable)  # the newest prefix wins
+    def _prefill(self, inputs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[Session, torch.Tensor]:
+        """One session for the requests' prompts ``ids`` (1, S) and images, run as one batch
+        (left-padded); returns it and the next-token logits (B, V). The part of a prompt
+        before its first image that an earlier request of its kind shared (a system prompt)
+        is copied, not run again."""
+        latents = self._encode([images for _, images in inputs])
+        sessions, rest, saves = [], [], []
+        min_tokens = self.config.prefix_min_tokens
+        for k, ((ids, _), lat) in enumerate(zip(inputs, latents)):
+            session = Session(self.model, None, latents=lat)
+            kind = lat is not None
+            # Tokens whose hidden states do not depend on the images: those before the first one.
+            markers = (ids[0] == self.model.image_token_id).nonzero()
+            shareable = int(markers[0, 0]) if len(markers) else ids.shape[1] - 1
+            start = 0
+            cached = self._prefixes.get(kind)
+            if min_tokens and cached is not None and shareable >= min_tokens:
+                n = min(shareable, cached.length)
+                start = int((cached.ids[0, :n] == ids[0, :n]).long().cumprod(0).sum())
+                if start >= min_tokens:
+                    session.start_from(cached, start)
+                else:
+                    start = 0
+            if min_tokens and start < shareable and shareable >= min_tokens:
+                saves.append((k, kind, shareable))
+            sessions.append(session)
+            rest.append(ids[0, start:])
+        if len(sessions) == 1:
+            session = sessions[0]
+            logits = session.feed(rest[0][None])  # (1, V)
+        else:
+            session = Session.concat(sessions, self.pad_token_id)
+            width = max(len(r) for r in rest)
+            ids = torch.full((len(rest), width), self.pad_token_id, dtype=torch.long, device=self.device)
+            mask = torch.zeros_like(ids)
+            for k, r in enumerate(rest):  # left padding: every row's last token is the last column
+                ids[k, width - len(r) :] = r
+                mask[k, width - len(r) :] = 1
+            logits = session.feed(ids, mask)  # (B, V)
+        for k, kind, shareable in saves:  # the newest prefix wins
+            self._prefixes[kind] = session.prefix_copy(shareable, row=k)
         return session, logits
+
+    def _encode(self, images: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
+        """Each request's latents (1, T, L, D) or None; requests with the same number and size
+        of images are encoded in one call."""
+        groups: dict[tuple[int, ...], list[int]] = {}
+        for k, im in enumerate(images):
+            if im is not None:
+                groups.setdefault(tuple(im.shape[1:]), []).append(k)
+        latents: list[torch.Tensor | None] = [None] * len(images)
+        for members in groups.values():
+            encoded = self.model.encode_images(torch.cat([images[k] for k in members]).to(self.device))  # (B, T, L, D)
+            for k, lat in zip(members, encoded.split(1)):
+                latents[k] = lat
+        return latents
 
     def _step(self, batch: _Batch) -> None:
         rows = batch.rows
@@ -533,8 +606,8 @@ class Engine:
         for i, row in enumerate(rows):
             row.request.decode_steps += 1
             cfg = row.request.config
-            if cfg.do_sample:
-                token = int(_pick(process_logits(logits[i : i + 1], None, cfg), cfg, row.generator)[0])
+            if cfg.do_sample or cfg.repetition_penalty != 1.0:
+                token = int(_pick(process_logits(logits[i : i + 1], row.seen(), cfg), cfg, row.generator)[0])
             else:
                 token = greedy[i]
             if self._advance(row, token):

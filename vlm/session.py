@@ -31,10 +31,15 @@ class Session:
         images: torch.Tensor | None,
         cache_media_kv: bool = True,
         use_cache: bool = True,
+        latents: torch.Tensor | None = None,
     ):
+        """``images`` (B, T, C, H, W), or ``latents`` (B, T, L, D) that
+        :meth:`VLM.encode_images` already made from them (a batch encoded at once), or neither."""
+        if images is not None and latents is not None:
+            raise ValueError("give a session its images or their latents, not both")
         self.model = model
         self.use_cache = use_cache
-        self.latents = model.encode_images(images) if images is not None else None  # (B, T, L, D)
+        self.latents = model.encode_images(images) if images is not None else latents  # (B, T, L, D)
         self.media_kv: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.latents is not None and cache_media_kv:
             for layer in model.decoder_layers():
@@ -140,70 +145,133 @@ class Session:
 
     @classmethod
     def concat(cls, sessions: list[Session], pad_token_id: int = 0) -> Session:
-        """One session holding the rows of ``sessions`` in order (all fed, on one model, all
-        with images or all without). Shorter ones are left-padded: masked ids and zero cache
-        slots, so each row's positions (which count real tokens) and attention stay its own.
+        """One session holding the rows of ``sessions`` in order (on one model). Shorter ones
+        are left-padded: masked ids and zero cache slots, so each row's positions (which count
+        real tokens) and attention stay its own. An unfed session (one row when it has no
+        images) becomes rows of padding only, to be fed next: prompts prefilled as one batch.
+
         Images are padded to the most any row has, with zero latents and keys/values that the
-        cross-attention mask never lets a token reach (a row's ``<image>`` count bounds it)."""
+        cross-attention mask never lets a token reach (a row's ``<image>`` count bounds it).
+        Rows of sessions without images get zero images too: a row with no ``<image>`` passes
+        the cross-attention blocks untouched (``MediaState.rows_without_media``), exactly as
+        in a session without images, so both kinds share one batch."""
+        if not sessions:
+            raise ValueError("concat takes at least one session")
         first = sessions[0]
-        if any(s.ids is None for s in sessions):
-            raise ValueError("concat takes sessions that have been fed")
         if any(s.model is not first.model or not s.use_cache or s.cache is None for s in sessions):
             raise ValueError("concat takes cached sessions of one model")
-        if len({s.latents is None for s in sessions}) > 1:
-            raise ValueError("concat takes sessions that all have images or all have none")
         if pad_token_id == first.model.image_token_id:
             raise ValueError("the pad token must not be the image token")
+        with_images = [s for s in sessions if s.latents is not None]
+        if len({frozenset(s.media_kv) for s in with_images}) > 1:
+            raise ValueError("concat takes sessions that all cache their media keys/values, or none")
+        # An unfed session's rows are its images'; one without images either has none yet: one row.
+        rows = [
+            s.ids.shape[0] if s.ids is not None else s.latents.shape[0] if s.latents is not None else 1
+            for s in sessions
+        ]
         length = max(s.length for s in sessions)
-        layers = [_plain_cache_layers(s.cache) for s in sessions]
-
-        def left(t: torch.Tensor, s: Session, dim: int, value=0) -> torch.Tensor:
-            pad = length - s.length
-            if pad == 0:
-                return t
-            shape = list(t.shape)
-            shape[dim] = pad
-            return torch.cat([t.new_full(shape, value), t], dim=dim)
-
+        fed = [s for s in sessions if s.ids is not None]
         merged = copy.copy(first)
-        merged.ids = torch.cat([left(s.ids, s, 1, pad_token_id) for s in sessions])
-        merged.attention_mask = torch.cat([left(s.attention_mask, s, 1) for s in sessions])
-        merged.cache = DynamicCache(
-            ddp_cache_data=[
-                (
-                    torch.cat([left(ls[j].keys, s, 2) for s, ls in zip(sessions, layers)]),
-                    torch.cat([left(ls[j].values, s, 2) for s, ls in zip(sessions, layers)]),
-                )
-                for j in range(len(layers[0]))
-            ],
-            config=first.model.lm.config,
-        )
-        if first.latents is not None:
-            if len({frozenset(s.media_kv) for s in sessions}) > 1:
-                raise ValueError("concat takes sessions that all cache their media keys/values, or none")
-            images = max(s.latents.shape[1] for s in sessions)
+        merged.ids = merged.attention_mask = None
+        merged.cache = DynamicCache(config=first.model.lm.config)
+        if fed:
+            template = _plain_cache_layers(fed[0].cache)
+            layers = [_plain_cache_layers(s.cache) if s.ids is not None else None for s in sessions]
 
-            def more(t: torch.Tensor, dim: int, per_image: int, s: Session) -> torch.Tensor:
-                extra = (images - s.latents.shape[1]) * per_image
+            def left(t: torch.Tensor | None, n: int, s: Session, dim: int, value=0, like=None) -> torch.Tensor:
+                if t is None:  # an unfed session: padding only
+                    shape = list(like.shape)
+                    shape[0], shape[dim] = n, length
+                    return like.new_full(shape, value)
+                pad = length - s.length
+                if pad == 0:
+                    return t
+                shape = list(t.shape)
+                shape[dim] = pad
+                return torch.cat([t.new_full(shape, value), t], dim=dim)
+
+            ref = fed[0]
+            merged.ids = torch.cat([left(s.ids, n, s, 1, pad_token_id, ref.ids) for s, n in zip(sessions, rows)])
+            merged.attention_mask = torch.cat(
+                [left(s.attention_mask, n, s, 1, 0, ref.attention_mask) for s, n in zip(sessions, rows)]
+            )
+            merged.cache = DynamicCache(
+                ddp_cache_data=[
+                    tuple(
+                        torch.cat(
+                            [
+                                left(getattr(ls[j], part) if ls else None, n, s, 2, 0, getattr(template[j], part))
+                                for s, ls, n in zip(sessions, layers, rows)
+                            ]
+                        )
+                        for part in ("keys", "values")
+                    )
+                    for j in range(len(template))
+                ],
+                config=first.model.lm.config,
+            )
+        merged.latents, merged.media_kv = None, {}
+        if with_images:
+            ref = with_images[0]
+            images = max(s.latents.shape[1] for s in with_images)
+            per_image = ref.latents.shape[2]
+
+            def more(
+                t: torch.Tensor | None, n: int, dim: int, per: int, s: Session, like: torch.Tensor
+            ) -> torch.Tensor:
+                have = 0 if s.latents is None else s.latents.shape[1]
+                if t is None:  # a session without images: zero images only
+                    t = like.new_zeros((n, *like.shape[1:dim], 0, *like.shape[dim + 1 :]))
+                extra = (images - have) * per
                 if extra == 0:
                     return t
                 shape = list(t.shape)
                 shape[dim] = extra
                 return torch.cat([t, t.new_zeros(shape)], dim=dim)
 
-            merged.latents = torch.cat([more(s.latents, 1, 1, s) for s in sessions])  # (B, T, L, D)
-            per_image = first.latents.shape[2]
+            merged.latents = torch.cat(
+                [more(s.latents, n, 1, 1, s, ref.latents) for s, n in zip(sessions, rows)]
+            )  # (B, T, L, D)
             merged.media_kv = {
-                i: tuple(torch.cat([more(s.media_kv[i][n], 2, per_image, s) for s in sessions]) for n in (0, 1))
-                for i in first.media_kv
+                i: tuple(
+                    torch.cat(
+                        [
+                            more(
+                                s.media_kv[i][part] if s.latents is not None else None,
+                                n,
+                                2,
+                                per_image,
+                                s,
+                                ref.media_kv[i][part],
+                            )
+                            for s, n in zip(sessions, rows)
+                        ]
+                    )
+                    for part in (0, 1)
+                )
+                for i in ref.media_kv
             }  # 2 × (B, H, T*L, hd)
         return merged
 
     def trim_padding(self) -> int:
-        """Drop the leading positions that every row masks (left by rows that have gone);
-        returns how many were dropped."""
+        """Drop the leading positions that every row masks (left by rows that have gone),
+        and image slots that no row's ``<image>`` markers reach (all of them when no row has
+        an image: the cross-attention blocks then do not run); returns how many positions
+        were dropped."""
         if self.attention_mask is None or self.cache is None:
             return 0
+        if self.latents is not None:
+            needed = int((self.ids == self.model.image_token_id).sum(1).max())
+            if needed == 0:
+                self.latents, self.media_kv = None, {}
+            elif needed < self.latents.shape[1]:
+                per_image = self.latents.shape[2]
+                self.latents = self.latents[:, :needed]
+                self.media_kv = {
+                    i: (k[:, :, : needed * per_image], v[:, :, : needed * per_image])
+                    for i, (k, v) in self.media_kv.items()
+                }
         real = self.attention_mask.bool().any(0)
         drop = int(real.long().argmax()) if bool(real.any()) else 0
         if drop == 0:
@@ -233,15 +301,31 @@ class Session:
         self.ids = other.ids[:, :length].clone()
         self.attention_mask = other.attention_mask[:, :length].clone()
 
-    def prefix_copy(self, length: int) -> Session:
-        """A copy of this one-row session that holds only its first ``length`` tokens (the
-        LM cache cloned, the media shared): what :meth:`start_from` starts other sessions from."""
-        if self.ids is None or self.ids.shape[0] != 1 or not 0 < length <= self.length or self.cache is None:
-            raise ValueError("prefix_copy takes a fed, cached one-row session and a length it holds")
+    def prefix_copy(self, length: int, row: int = 0) -> Session:
+        """A one-row copy of row ``row`` of this session that holds only the row's first
+        ``length`` real tokens (padding left out; the LM cache cloned, the media shared):
+        what :meth:`start_from` starts other sessions from."""
+        if self.ids is None or not 0 <= row < self.ids.shape[0] or self.cache is None:
+            raise ValueError("prefix_copy takes a fed, cached session and one of its rows")
+        columns = self.attention_mask[row].nonzero()[:, 0]
+        if not 0 < length <= len(columns):
+            raise ValueError(f"row {row} holds {len(columns)} tokens, not {length}")
+        columns = columns[:length]
         other = copy.copy(self)
-        other.cache = _cache_prefix(self.cache, length, self.model.lm.config)
-        other.ids = self.ids[:, :length].clone()
-        other.attention_mask = self.attention_mask[:, :length].clone()
+        other.cache = DynamicCache(
+            ddp_cache_data=[
+                (layer.keys[row : row + 1, :, columns].clone(), layer.values[row : row + 1, :, columns].clone())
+                for layer in _plain_cache_layers(self.cache)
+            ],
+            config=self.model.lm.config,
+        )
+        other.ids = self.ids[row : row + 1, columns].clone()
+        other.attention_mask = torch.ones_like(other.ids)
+        if self.latents is not None and bool((self.ids[row] == self.model.image_token_id).any()):
+            other.latents = self.latents[row : row + 1]
+            other.media_kv = {i: (k[row : row + 1], v[row : row + 1]) for i, (k, v) in self.media_kv.items()}
+        else:  # a row without images (the zero images of a mixed batch are not its own)
+            other.latents, other.media_kv = None, {}
         return other
 
 
