@@ -5,6 +5,7 @@ measured matmul peak, for the default architecture at a fixed batch and length.
     python benchmarks/train.py --device cuda --precision bf16
     python benchmarks/train.py --random-weights          # same shapes, no weight files needed
     python benchmarks/train.py --compare                 # issue #19: prefix cache, prompt, vision
+    python benchmarks/train.py --grouping --steps 1      # sketch batches grouped by length or not
 
 ``--compare`` (default model, bf16-frozen, side by side in one run): sketch batches (16
 generated pages at their real lengths) with and without the prefix cache of the frozen
@@ -172,10 +173,10 @@ def _samples(built, processor, kind: str, max_tokens: int = 2048):
     return encoded, pixels
 
 
-def _timed_steps(model, opt, runs: list[tuple[dict, torch.Tensor | None]], steps: int) -> list[float]:
+def _timed_steps(model, opt, runs: list[tuple[dict, torch.Tensor | None]], steps: int, autocast=None) -> list[float]:
     """Seconds a step for each ``(batch, prefix)`` (prefix None: no cache), timed in turn
     step by step, so a neighbour's load on a shared machine hits all of them alike."""
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast = autocast if autocast is not None else torch.autocast("cpu", dtype=torch.bfloat16)
 
     def step(batch, prefix):
         with autocast:
@@ -281,6 +282,56 @@ def compare(args) -> int:
     return 0
 
 
+def grouping(args) -> int:
+    """Sketch batches as the loader makes them with and without ``data.group_by_length``:
+    the same 16 × G generated pages, G batches each way, steps timed in turn."""
+    from vlm.factory import fast_matmul
+    from vlm_train.config import TrainConfig
+    from vlm_train.data import builders
+    from vlm_train.data.loader import LoaderConfig, SourceConfig, make_loader
+    from vlm_train.data.shards import ShardWriter
+
+    cfg = TrainConfig()
+    cfg.precision = "bf16-frozen" if fast_matmul(torch.bfloat16, "cpu") else "fp32"
+    model, processor = build_model(cfg)
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, cfg.optim))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision != "fp32")
+    count = args.sketch_batch * args.groups
+    runs = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        with ShardWriter(tmp, "sketch", max_samples=count) as writer:
+            for sample, _ in builders.sketches("train", count, seed=0):
+                writer.write(sample)
+        for group in (0, args.groups):
+            loader = LoaderConfig(
+                [SourceConfig(tmp, "sketch")], batch_size=args.sketch_batch, num_workers=0, shuffle_buffer=0,
+                group_by_length=group,
+            )  # fmt: skip
+            batches = [b for b in make_loader(loader, processor) if "input_ids" in b]
+            runs[group] = [
+                ({k: b[k] for k in ("pixel_values", "input_ids", "attention_mask", "labels")}, None) for b in batches
+            ]
+    plain, grouped = runs[0], runs[args.groups]
+    seconds = _timed_steps(model, opt, plain + grouped, args.steps, autocast)
+    rows = []
+    for name, batches, times in (
+        ("random batches", plain, seconds[: len(plain)]),
+        ("grouped by length", grouped, seconds[len(plain) :]),
+    ):
+        real = sum(int(b["attention_mask"].sum()) for b, _ in batches)
+        padded = sum(b["input_ids"].numel() for b, _ in batches)
+        rows.append((name, real / padded, sum(times), count / sum(times)))
+    print(f"\ncpu, {torch.get_num_threads()} threads, default model, {cfg.precision}, {count} sketch pages in "
+          f"{args.groups} batches of {args.sketch_batch}, {args.steps} timed pass(es)")  # fmt: skip
+    print("| batches | real tokens / padded | s for all | samples/s |")
+    print("| --- | --- | --- | --- |")
+    for name, share, total, rate in rows:
+        print(f"| {name} | {share:.1%} | {total:.1f} | {rate:.2f} |")
+    print(f"\ngrouped by length: {rows[1][3] / rows[0][3]:.2f}x samples/s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu")
@@ -292,9 +343,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compare", action="store_true", help="issue #19's side-by-side figures")
     parser.add_argument("--sketch-batch", type=int, default=16)
     parser.add_argument("--vqa-batch", type=int, default=32)
+    parser.add_argument("--grouping", action="store_true", help="sketch batches with and without data.group_by_length")
+    parser.add_argument("--groups", type=int, default=4, help="--grouping: batches a length group holds")
     args = parser.parse_args(argv)
     if args.compare:
         return compare(args)
+    if args.grouping:
+        return grouping(args)
     rows = [run(args, p) for p in args.precision]
     print(
         f"\ndevice {args.device}, batch {args.batch_size} x {args.length} tokens, 224 px, {torch.get_num_threads()} threads"
