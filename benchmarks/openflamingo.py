@@ -46,17 +46,23 @@ def build_pair(root: Path, every: int):
     (root / "oc").mkdir()
     (root / "oc" / f"{TINY_VIT}.json").write_text(json.dumps(TINY_VIT_CONFIG))
     open_clip.add_model_config(root / "oc")
-    lm = make_tiny_lm(root / "lm", "llama")
-    torch.manual_seed(0)
+    return convert_pair(root, TINY_VIT, make_tiny_lm(root / "lm", "llama"), every, noise=0.2)
+
+
+def convert_pair(root: Path, vit: str, lm: Path, every: int, noise: float, seed: int = 0):
+    """OpenFlamingo built by its own factory over the open_clip model ``vit`` and the LM
+    folder ``lm`` (a random adapter: weights moved by ``noise``, gates open) and vlm's
+    conversion of its checkpoint, both in eval mode: ``(reference, tokenizer, ours)``."""
+    torch.manual_seed(seed)
     ref, _, tokenizer = create_model_and_transforms(
-        TINY_VIT, None, str(lm), str(lm), cross_attn_every_n_layers=every, use_local_files=True
+        vit, None, str(lm), str(lm), cross_attn_every_n_layers=every, use_local_files=True
     )
     with torch.no_grad():
         for name, p in [
             *ref.perceiver.named_parameters(),
             *ref.lang_encoder.gated_cross_attn_layers.named_parameters(),
         ]:
-            p.uniform_(0.3, 1.0) if name.endswith("_gate") else p.add_(torch.randn_like(p) * 0.2)
+            p.uniform_(0.3, 1.0) if name.endswith("_gate") else p.add_(torch.randn_like(p) * noise)
     ref.eval()
     # OpenFlamingo's checkpoint: the perceiver, the cross-attention and the embeddings (its
     # train_utils filter, which imports wandb, keeps exactly these); plus the LM head, so
@@ -72,11 +78,7 @@ def build_pair(root: Path, every: int):
         {f"visual.{k}": v.contiguous() for k, v in ref.vision_encoder.state_dict().items()}, root / "vit.safetensors"
     )
     out = convert_openflamingo(
-        root / "checkpoint.pt",
-        lm=str(lm),
-        vision=TINY_VIT,
-        pretrained=str(root / "vit.safetensors"),
-        out_dir=root / "vlm",
+        root / "checkpoint.pt", lm=str(lm), vision=vit, pretrained=str(root / "vit.safetensors"), out_dir=root / "vlm"
     )
     model, _ = vlm.from_pretrained(out, verbose=False)
     return ref, tokenizer, model.eval()

@@ -40,13 +40,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import open_clip  # noqa: E402
 import torch  # noqa: E402
-from open_flamingo import create_model_and_transforms  # noqa: E402
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
-from safetensors.torch import save_file  # noqa: E402
+from openflamingo import convert_pair  # noqa: E402  (benchmarks/openflamingo.py, beside this file)
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM  # noqa: E402
 
-import vlm  # noqa: E402
-from vlm.convert import convert_openflamingo  # noqa: E402
 from vlm.generate import generate  # noqa: E402
 from vlm.quantize import fast_lm  # noqa: E402
 
@@ -87,37 +84,6 @@ def make_lm(root: Path, kind: str) -> Path:
     LlamaForCausalLM(config).save_pretrained(root / "lm")
     AutoTokenizer.from_pretrained(real).save_pretrained(root / "lm")
     return root / "lm"
-
-
-def build_pair(root: Path, lm_dir: Path, every: int, seed: int = 0):
-    """OpenFlamingo (its factory, a random adapter with open gates) and vlm's conversion of it."""
-    torch.manual_seed(seed)
-    ref, _, tokenizer = create_model_and_transforms(
-        VIT, None, str(lm_dir), str(lm_dir), cross_attn_every_n_layers=every, use_local_files=True
-    )
-    with torch.no_grad():
-        for name, p in [
-            *ref.perceiver.named_parameters(),
-            *ref.lang_encoder.gated_cross_attn_layers.named_parameters(),
-        ]:
-            p.uniform_(0.3, 1.0) if name.endswith("_gate") else p.add_(torch.randn_like(p) * 0.02)
-    ref.eval()
-    # OpenFlamingo's checkpoint: perceiver, cross-attention and embeddings (what its trainer's
-    # filter keeps), plus the LM head so that the added tokens' output rows are the reference's.
-    state = {
-        k: v
-        for k, v in ref.state_dict().items()
-        if k.startswith("perceiver.") or ".gated_cross_attn_layer." in k or "embed" in k or k.endswith("lm_head.weight")
-    }
-    state = {k: v for k, v in state.items() if not k.startswith(("lang_encoder.old_", "lang_encoder.gated_cross"))}
-    torch.save(state, root / "checkpoint.pt")
-    vit_file = root / "vit.safetensors"
-    save_file({f"visual.{k}": v.contiguous() for k, v in ref.vision_encoder.state_dict().items()}, vit_file)
-    out = convert_openflamingo(
-        root / "checkpoint.pt", lm=str(lm_dir), vision=VIT, pretrained=str(vit_file), out_dir=root / "vlm"
-    )
-    model, _ = vlm.from_pretrained(out, verbose=False)
-    return ref, tokenizer, model.eval()
 
 
 # ---------------------------------------------------------------------- measuring
@@ -199,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp())
     register_vit(root)
     lm_dir = make_lm(root, args.lm)
-    ref, tokenizer, base = build_pair(root, lm_dir, args.every)
+    ref, tokenizer, base = convert_pair(root, VIT, lm_dir, args.every, noise=0.02)
     ours = {path: fast_lm(base, *PATHS[path]) if path != "fp32" else base for path in args.paths}
     bare = None if args.no_bare else AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
     n = args.new_tokens
