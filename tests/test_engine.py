@@ -48,15 +48,21 @@ def _configs(model, processor):
     return configs
 
 
+def _alone(model, processor, configs):
+    """What greedy/seeded generation gives each request of ``configs`` alone."""
+    out = []
+    for k, cfg in enumerate(configs):
+        ids, images = _inputs(processor, k)
+        out.append(generate(model, images, ids, config=cfg, tokenizer=processor.tokenizer))
+    return out
+
+
 @pytest.mark.parametrize("family", ["llama", "gpt2", "opt", "gpt_neox", "qwen2"])
 def test_staggered_requests_get_exactly_their_tokens_alone(trained_model, family, monkeypatch):
     model, processor = trained_model(family)
     tok = processor.tokenizer
     configs = _configs(model, processor)
-    alone = []
-    for k, cfg in enumerate(configs):
-        ids, images = _inputs(processor, k)
-        alone.append(generate(model, images, ids, config=cfg, tokenizer=tok))
+    alone = _alone(model, processor, configs)
     assert alone[2].finish_reasons == ["stop_string"]
     calls = _feeds(monkeypatch)
     # Four rows at most: later requests wait, then join a batch that is mid-decode.
@@ -204,10 +210,7 @@ def test_requests_admitted_together_are_prefilled_as_one_batch_and_stay_exact(tr
     model, processor = trained_model(family)
     tok = processor.tokenizer
     configs = _configs(model, processor)
-    alone = []
-    for k, cfg in enumerate(configs):
-        ids, images = _inputs(processor, k)
-        alone.append(generate(model, images, ids, config=cfg, tokenizer=tok).tokens[0])
+    alone = [out.tokens[0] for out in _alone(model, processor, configs)]
     calls = _feeds(monkeypatch)
     engine = Engine(model, tok, EngineConfig(max_concurrent=8))
     requests = []
