@@ -134,12 +134,11 @@ class _Group:
     def clear(self) -> None:
         self.encoded, self.pixels, self.keys, self.prefixes, self.origins = [], [], [], [], []
 
-    def add(self, encoded, pixels, keys, prefixes, origins: set[int]) -> None:
+    def add(self, encoded, pixels, keys, prefixes, origin: int) -> None:
         self.encoded += encoded
         self.pixels += pixels
         self.keys += keys
         self.prefixes += prefixes
-        origin = next(iter(origins)) if len(origins) == 1 else -1
         self.origins += [origin] * len(keys)
 
 
@@ -331,8 +330,9 @@ class ShardStream(IterableDataset):
             origins.add(source.index)
             if len(encoded) == self.cfg.batch_size:
                 if self.cfg.group_by_length > 1:
-                    group = groups.setdefault(next(iter(origins)) if len(origins) == 1 else -1, _Group())
-                    group.add(encoded, pixels, keys, prefixes, origins)
+                    origin = next(iter(origins)) if len(origins) == 1 else -1  # -1: a mixed batch
+                    group = groups.setdefault(origin, _Group())
+                    group.add(encoded, pixels, keys, prefixes, origin)
                     if len(group.keys) == self.cfg.batch_size * self.cfg.group_by_length:
                         yield from self._regrouped(group, rng, skipped)
                 else:
