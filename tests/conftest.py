@@ -71,3 +71,13 @@ def set_gates(model, value):
             if layer.xattn is not None:
                 layer.xattn.attn_gate.fill_(value)
                 layer.xattn.ff_gate.fill_(value)
+
+
+def assert_images_matter(model, got, ids, mask, by: float) -> None:
+    """Logits ``got`` of ``model`` on ``ids`` change with other images after the first
+    ``<image>`` (by more than ``by`` somewhere), and not at all before it."""
+    with torch.no_grad():
+        other = model(torch.randn(2, 2, 3, 32, 32), ids, attention_mask=mask).logits
+    first = int((ids[0] == model.image_token_id).nonzero()[0])
+    assert torch.equal(other[0, :first], got[0, :first])
+    assert (other[0, first:] - got[0, first:]).abs().max() > by

@@ -292,8 +292,10 @@ def test_a_half_precision_dtype_on_a_cpu_without_fast_kernels_warns(workspace, m
 
     model, _ = vlm.from_pretrained(workspace / "init", verbose=False)
     monkeypatch.setattr(factory, "fast_matmul", lambda dtype, device: dtype == torch.float32)
-    with pytest.warns(UserWarning, match="no fast torch.bfloat16 matrix multiply"):
-        factory.place(model, "cpu", "bfloat16")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         factory.place(model, "cpu", "auto")  # auto keeps float32 on a CPU: no warning
+    assert next(model.parameters()).dtype == torch.float32
+    with pytest.warns(UserWarning, match="no fast torch.bfloat16 matrix multiply"):
+        factory.place(model, "cpu", "bfloat16")
+    assert next(model.parameters()).dtype == torch.bfloat16  # warned, and still done as asked
