@@ -4,11 +4,12 @@
     python benchmarks/generate.py --tiny     # tiny random backbones, seconds
     python benchmarks/generate.py --int8     # also: int8 LM speed and its effect on quality
     python benchmarks/generate.py --sketch-lookup 30   # sketch → HTML: prompt-lookup drafts vs plain greedy
-    python benchmarks/generate.py --paths bf16 int8    # also: frozen LM weights in bf16 / weight-only int8
+    python benchmarks/generate.py --paths fp16w bf16 int8   # also: frozen LM weights in fp16 / bf16 / int8
     python benchmarks/generate.py --paths bf16 int8 --gates --gate-vqa 1000 --gate-sketch 20   # + quality gates
 
-``--paths`` times the faster frozen-LM paths of :func:`vlm.quantize.fast_lm` (``bf16``: the
-decoder layers' weights in bf16, the LM head in float32; ``int8``: weight-only int8 linear
+``--paths`` times the faster frozen-LM paths of :func:`vlm.quantize.fast_lm` (``fp16w``: the
+LM's linear layers and head with fp16 weights and float32 arithmetic, fbgemm's kernel on x86;
+``bf16``: the decoder layers' weights in bf16, the LM head in float32; ``int8``: weight-only int8 linear
 layers with per-channel scales, bf16 compute; ``int8-head-fp32``: the same with a float32
 head), each alone, in the same run as the fp32 baseline (``cached``). ``--gates`` then
 checks each on the bundled model against fp32: greedy answers identical on 32 fixed
@@ -78,6 +79,7 @@ QUALITY_PROMPTS = [
 
 
 FAST_PATHS = {  # name: (LM weights, head) for vlm.quantize.fast_lm
+    "fp16w": ("float16", "float16"),
     "bf16": ("bfloat16", "float32"),
     "bf16-head-bf16": ("bfloat16", "bfloat16"),
     "int8": ("int8", "int8"),

@@ -51,6 +51,7 @@ VIT = "vlm-bench-ViT-B-32"
 PROMPT = "<image>Question: What is in this picture? Answer:"
 PATHS = {  # name: (LM weights, head) for vlm.quantize.fast_lm
     "fp32": ("float32", "float32"),
+    "fp16w": ("float16", "float16"),
     "bf16": ("bfloat16", "float32"),
     "int8": ("int8", "int8"),
 }

@@ -1,8 +1,10 @@
-"""Faster frozen-LM paths (vlm.quantize.fast_lm): bf16 weights and weight-only int8.
+"""Faster frozen-LM paths (vlm.quantize.fast_lm): fp16 weights, bf16 weights and
+weight-only int8.
 
-The arithmetic differs from fp32 (activations in bf16), so exact equality is asserted
-where it holds (fp32 mode, the int8 kernel against its own dequantised weights, the
-adapter untouched) and a stated agreement where it cannot (logits within a few percent,
+The arithmetic differs from fp32 (weights rounded; for bf16 and int8 activations in bf16
+too), so exact equality is asserted where it holds (fp32 mode, fp16 weights against fp32
+arithmetic on the same rounded weights, the int8 kernel against its own dequantised
+weights, the adapter untouched) and a stated agreement where it cannot (logits within a few percent,
 the first greedy tokens). The quality gates on the real bundled model are printed by
 ``benchmarks/generate.py --gates``, not asserted here.
 """
@@ -14,7 +16,7 @@ from conftest import shape_image
 from torch import nn
 
 from vlm.generate import GenerationConfig, generate
-from vlm.quantize import CastingLinear, Int8WeightLinear, fast_lm
+from vlm.quantize import CastingLinear, Fp16WeightLinear, Int8WeightLinear, fast_lm, fp16_weights_supported
 
 NO_STOP = GenerationConfig(max_new_tokens=12, stop_token_ids=())
 PROMPT = "the cat <image>sits on <image>the"
@@ -46,6 +48,41 @@ def test_int8_linear_is_its_dequantised_weights():
     got = q(x)
     assert got.shape == (3, 5, 48) and got.dtype == torch.float32
     torch.testing.assert_close(got, expected, rtol=2e-2, atol=2e-2)  # bf16 output rounding only
+
+
+needs_fbgemm = pytest.mark.skipif(not fp16_weights_supported(), reason="no fbgemm in this PyTorch build")
+
+
+@needs_fbgemm
+def test_fp16_weight_linear_is_fp32_arithmetic_on_rounded_weights():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    q = Fp16WeightLinear(linear)
+    rounded = linear.weight.detach().half().float()
+    assert torch.equal(q.weight, rounded)
+    x = torch.randn(3, 5, 64)  # (B, S, in)
+    got = q(x)
+    assert got.shape == (3, 5, 48) and got.dtype == torch.float32
+    torch.testing.assert_close(got, F.linear(x, rounded, linear.bias.detach()), rtol=1e-5, atol=1e-5)
+    assert q(x.bfloat16()).dtype == torch.bfloat16  # the output goes back to the input's dtype
+
+
+@needs_fbgemm
+def test_fp16_weights_are_the_fp32_model_with_its_lm_weights_rounded(trained_model):
+    model, processor = trained_model("llama")
+    batch = _batch(processor)
+    fast = fast_lm(model, "float16")
+    layer = fast.decoder_layers()[0].decoder_layer
+    assert isinstance(layer.mlp.down_proj, Fp16WeightLinear) and isinstance(fast.head.base, Fp16WeightLinear)
+    # The oracle: the same model in plain fp32 with the same weights rounded to fp16.
+    rounded = fast_lm(model, "float32")
+    with torch.no_grad():
+        lm_modules = [m for layer in rounded.decoder_layers() for m in layer.decoder_layer.modules()]
+        for module in [*lm_modules, rounded.head.base]:
+            if isinstance(module, nn.Linear):
+                module.weight.copy_(module.weight.half().float())
+    torch.testing.assert_close(_logits(fast, batch), _logits(rounded, batch), rtol=1e-4, atol=1e-4)
+    assert _tokens(fast, batch) == _tokens(rounded, batch)
 
 
 def test_fp32_mode_is_an_exact_copy(trained_model):

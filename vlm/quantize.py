@@ -92,10 +92,46 @@ def quantize_lm_int8(model: VLM, tokenizer=None, max_error: float = 0.07) -> VLM
 
 # ---------------------------------------------------------------------- faster frozen LM weights
 # Paths that keep the activations in float and change only how the frozen LM's weights are
-# stored: bf16 weights, or int8 weights with one scale per output channel (weight-only int8).
-# Unlike the dynamic quantisation above, no activation is ever rounded to int8.
+# stored: fp16 weights with fp32 arithmetic, bf16 weights, or int8 weights with one scale per
+# output channel (weight-only int8). Unlike the dynamic quantisation above, no activation is
+# ever rounded to int8.
 
-LM_WEIGHTS = ("float32", "bfloat16", "int8")
+LM_WEIGHTS = ("float32", "float16", "bfloat16", "int8")
+
+
+def fp16_weights_supported() -> bool:
+    """Whether this PyTorch has fbgemm's fp16-weight GEMM (x86 CPUs with AVX2)."""
+    return "fbgemm" in torch.backends.quantized.supported_engines
+
+
+class Fp16WeightLinear(nn.Module):
+    """A frozen linear layer whose weights are stored in float16 and multiplied in float32
+    by fbgemm's kernel (``torch.ops.quantized.linear_dynamic_fp16``, x86 CPUs).
+
+    The activations, the accumulation and the output stay float32; only the weights are
+    rounded to fp16 (11 significant bits, against bf16's 8). A decode step reads half the
+    bytes of float32, and on CPUs without fast bf16 or a good small-batch fp32 GEMM
+    (AVX2 without AVX-512) the kernel is also faster at a few rows, the LM head most of
+    all: ``benchmarks/generate.py --paths`` measures it."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if not fp16_weights_supported():
+            raise RuntimeError("fp16 weights need PyTorch's fbgemm engine (an x86 CPU build); use float32 here")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        bias = linear.bias.detach().float() if linear.bias is not None else None
+        self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weights as stored (rounded to fp16), in float32; a copy."""
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)[0]
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
 
 
 class Int8WeightLinear(nn.Module):
@@ -153,19 +189,20 @@ def _replace_modules(root: nn.Module, swap: dict[int, nn.Module]) -> None:
 def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy: bool = True) -> VLM:
     """``model`` with its frozen LM weights stored as ``weights`` for CPU decoding.
 
-    ``"bfloat16"``: the decoder layers' weights in bf16 (their activations then run in
-    bf16 too); ``"int8"``: their linear layers as :class:`Int8WeightLinear` (bf16 compute),
-    the rest in bf16. ``head`` (default: ``"float32"`` for ``"bfloat16"``, ``"int8"`` for
-    ``"int8"``): the LM head's weights (``"float32"``, ``"bfloat16"`` or ``"int8"``); kept in
-    float32, next-token scores are not rounded to bf16's 8 bits, which would tie near
-    neighbours. The adapter (resampler, cross-attention, new token rows) and the vision
+    ``"float16"``: the decoder layers' linear layers as :class:`Fp16WeightLinear` (fp16
+    weights, float32 arithmetic), everything else unchanged; ``"bfloat16"``: the decoder
+    layers' weights in bf16 (their activations then run in bf16 too); ``"int8"``: their
+    linear layers as :class:`Int8WeightLinear` (bf16 compute), the rest in bf16. ``head``
+    (default: ``weights``, except ``"float32"`` for ``"bfloat16"``): the LM head's weights
+    (one of ``LM_WEIGHTS``); kept in float32 under bf16 layers, next-token scores are not
+    rounded to bf16's 8 bits, which would tie near neighbours. The adapter (resampler, cross-attention, new token rows) and the vision
     tower keep their dtype. ``copy=False`` changes ``model`` itself (no second copy of the
     weights) and returns it. ``"float32"``: ``model`` unchanged (or copied)."""
     import copy as _copy
 
     if weights not in LM_WEIGHTS:
         raise ValueError(f"weights must be one of {', '.join(LM_WEIGHTS)}, got {weights!r}")
-    head = head or ("int8" if weights == "int8" else "float32")
+    head = head or ("float32" if weights == "bfloat16" else weights)
     if head not in LM_WEIGHTS:
         raise ValueError(f"head must be one of {', '.join(LM_WEIGHTS)}, got {head!r}")
     if any(isinstance(m, torch.ao.nn.quantized.dynamic.Linear) for m in model.modules()):
@@ -177,7 +214,12 @@ def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy
     old_head = out.head.base
     head_weight = old_head.weight.detach().float().clone()  # before a tied embedding is cast
     swap: dict[int, nn.Module] = {}
-    if weights != "float32":
+    if weights == "float16":
+        for layer in layers:
+            for module in layer.decoder_layer.modules():
+                if isinstance(module, nn.Linear):
+                    swap[id(module)] = Fp16WeightLinear(module)
+    elif weights != "float32":
         for layer in layers:
             layer.decoder_layer.to(torch.bfloat16)
         for name, child in out.decoder.named_children():
@@ -195,6 +237,8 @@ def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy
         plain.bias = nn.Parameter(old_head.bias.detach().float().clone(), requires_grad=False)
     if head == "int8":
         swap[id(old_head)] = Int8WeightLinear(plain)
+    elif head == "float16":
+        swap[id(old_head)] = Fp16WeightLinear(plain)
     else:
         swap[id(old_head)] = CastingLinear.like(plain, getattr(torch, head))
     _replace_modules(out, swap)
