@@ -177,39 +177,53 @@ def _timed_steps(model, opt, runs: list[tuple[dict, torch.Tensor | None]], steps
     """Seconds a step for each ``(batch, prefix)`` (prefix None: no cache), timed in turn
     step by step, so a neighbour's load on a shared machine hits all of them alike."""
     autocast = autocast if autocast is not None else torch.autocast("cpu", dtype=torch.bfloat16)
-
-    def step(batch, prefix):
-        with autocast:
-            loss = model(**batch, return_logits=False, prefix=prefix).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
     for run in runs:
-        step(*run)  # warm-up
+        _step(model, opt, autocast, *run)  # warm-up
     total = [0.0] * len(runs)
     for _ in range(steps):
         for i, run in enumerate(runs):
             start = time.perf_counter()
-            step(*run)
+            _step(model, opt, autocast, *run)
             total[i] += time.perf_counter() - start
     return [t / steps for t in total]
 
 
+def _step(model, opt, autocast, batch, prefix) -> None:
+    with autocast:
+        loss = model(**batch, return_logits=False, prefix=prefix).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+
+def _step_flops(model, opt, autocast, batch, prefix) -> float:
+    """FLOPs of one training step, counted by PyTorch (nan where it cannot count)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    try:
+        with counter:
+            _step(model, opt, autocast, batch, prefix)
+    except (AssertionError, RuntimeError):
+        return float("nan")
+    return counter.get_total_flops()
+
+
 def compare(args) -> int:
     """Issue #19's figures, side by side in one process (see the module docstring)."""
+    from vlm.factory import fast_matmul
     from vlm_train.config import TrainConfig
     from vlm_train.data import builders, prefix_cache
     from vlm_train.data.loader import SourceConfig
     from vlm_train.data.shards import ShardWriter
 
     cfg = TrainConfig()
-    cfg.precision = "bf16-frozen"
+    cfg.precision = "bf16-frozen" if fast_matmul(torch.bfloat16, "cpu") else "fp32"  # as the trainer decides
     model, processor = build_model(cfg)
     model.embed.new_rows.requires_grad_(False)  # as the trainer holds them with the cache on
     model.train()
     opt = torch.optim.AdamW(param_groups(model, cfg.optim))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.precision != "fp32")
     rows = []
 
     # Sketch pages: 16 generated samples at their real lengths.
@@ -219,7 +233,8 @@ def compare(args) -> int:
     lengths = [len(ids) for ids, _ in encoded]
     with torch.no_grad(), autocast:
         prefix = model.prefix_hidden_states(batch["input_ids"], batch["attention_mask"])  # (B, S, D)
-    plain, cached = _timed_steps(model, opt, [(batch, None), (batch, prefix)], args.steps)
+    flops = [_step_flops(model, opt, autocast, batch, p) for p in (None, prefix)]
+    plain, cached = _timed_steps(model, opt, [(batch, None), (batch, prefix)], args.steps, autocast)
     rows.append(("sketch, no cache", sum(lengths) / len(lengths), plain))
     rows.append(("sketch, prefix cache", sum(lengths) / len(lengths), cached))
     with tempfile.TemporaryDirectory() as tmp:
@@ -227,7 +242,12 @@ def compare(args) -> int:
             for sample, _ in built:
                 writer.write(sample)
         _, report = prefix_cache.ensure(
-            model, processor, [SourceConfig(tmp, "sketch")], "bf16", autocast=autocast, log=lambda m: None
+            model,
+            processor,
+            [SourceConfig(tmp, "sketch")],
+            "fp32" if cfg.precision == "fp32" else "bf16",
+            autocast=autocast,
+            log=lambda m: None,
         )
     sketch_mib_per_k = report.bytes / report.samples * 1000 / 2**20
 
@@ -242,7 +262,7 @@ def compare(args) -> int:
             batches.append((processor.collate(encoded, pixels), None))
             tokens.append(sum(len(ids) for ids, _ in encoded) / len(encoded))
         processor.system_prompt = model.config.system_prompt
-        times = _timed_steps(model, opt, batches, args.steps)
+        times = _timed_steps(model, opt, batches, args.steps, autocast)
         for prompt, n, seconds in zip((None, ""), tokens, times, strict=True):
             evqa_rows.append((f"easy-VQA, system prompt {prompt!r}", n, seconds))
 
@@ -256,20 +276,21 @@ def compare(args) -> int:
             start = time.perf_counter()
             feats = model.vision(images)  # (B, T, N, Dv)
             seconds = time.perf_counter() - start
-        per_sample = feats[0].numel() * 2  # bytes in bf16
+        per_sample = feats[0].numel() * (4 if cfg.precision == "fp32" else 2)  # bytes as stored
         vision_rows.append((px, seconds, feats.shape[2], per_sample * 1000 / 2**20))
 
-    print(f"\ncpu, {torch.get_num_threads()} threads, default model, bf16-frozen, {args.steps} timed steps each")
+    print(f"\ncpu, {torch.get_num_threads()} threads, default model, {cfg.precision}, {args.steps} timed steps each")
     print("| batch | tokens/sample | s/step | steps/s |")
     print("| --- | --- | --- | --- |")
     for name, tokens, seconds in rows + evqa_rows:
         print(f"| {name} | {tokens:.1f} | {seconds:.3f} | {1 / seconds:.3f} |")
     print(
         f"\nprefix cache speed-up on sketch batches ({args.sketch_batch} samples, "
-        f"{min(lengths)}-{max(lengths)} tokens): {plain / cached:.2f}x"
+        f"{min(lengths)}-{max(lengths)} tokens): {plain / cached:.2f}x; FLOPs a step {flops[0] / 1e9:.0f} G without, "
+        f"{flops[1] / 1e9:.0f} G with: {flops[0] / flops[1]:.2f}x fewer (the most the cache could give)"
     )
     print(
-        f"prefix cache size: {sketch_mib_per_k:.1f} MiB per 1,000 sketch samples (bf16, layer "
+        f"prefix cache size: {sketch_mib_per_k:.1f} MiB per 1,000 sketch samples ({cfg.precision}, layer "
         f"{model.first_cross_attn_layer} of {len(model.decoder_layers())})"
     )
     if evqa_rows:
