@@ -31,6 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     add(
         "--dtype", choices=["float32", "bfloat16", "float16"], help="cast the model (default: as the checkpoint has it)"
     )
+    add(
+        "--lm_weights",
+        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        default="auto",
+        help="how the frozen LM's weights are held (default: auto: float16 weights with float32 arithmetic on x86 "
+        "CPUs; float32 turns that off)",
+    )
     add("--threads", type=int, metavar="N", help="torch's CPU threads (default: torch's choice)")
     add("--max_concurrent", type=int, default=8, metavar="N", help="sequences decoding together (%(default)s)")
     add("--max_queued", type=int, default=64, metavar="N", help="requests waiting beyond those; then 429 (%(default)s)")
@@ -102,6 +109,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from vlm import load_model
     from vlm.engine import Engine, EngineConfig
+    from vlm.quantize import apply_lm_weights
 
     from .media import MediaPolicy
     from .server import ServerSettings, build_app, generation_defaults
@@ -110,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     try:
-        model, processor = load_model(args.model, verbose=False)
-        model = model.to(device=device, dtype=getattr(torch, args.dtype) if args.dtype else None).eval()
+        model, processor = load_model(args.model, verbose=False, device=device, dtype=args.dtype)
+        model = apply_lm_weights(model, args.lm_weights).eval()
     except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
         parser.exit(2, f"{parser.prog}: error: cannot load the model on {device}: {e}\n")
     try:
@@ -147,10 +155,12 @@ def main(argv: list[str] | None = None) -> int:
         host=args.host,
         port=args.port,
         log_level=args.log_level,
-        timeout_graceful_shutdown=args.shutdown_timeout,
+        # A backstop only: the engine ends what is left at --shutdown_timeout (below), so the
+        # streams close themselves and uvicorn never has to cancel a request's task.
+        timeout_graceful_shutdown=args.shutdown_timeout + 10,
         lifespan="on",
     )
-    server = _server_class(uvicorn)(config)
+    server = _server_class(uvicorn, lambda: engine.shutdown(drain_s=args.shutdown_timeout))(config)
     logging.getLogger("vlm_serve").info("serving %s on http://%s:%d/v1 (%s)", name, args.host, args.port, device)
     try:
         server.run()
@@ -159,10 +169,12 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if server.started else 1
 
 
-def _server_class(uvicorn):
-    """uvicorn's server, except that after a graceful shutdown on SIGINT/SIGTERM it does not
-    raise the signal again (which kills the process, or raises KeyboardInterrupt): the
-    engine has stopped by then, and the command returns 0."""
+def _server_class(uvicorn, drain):
+    """uvicorn's server, except that on SIGINT/SIGTERM it also calls ``drain`` in a thread
+    (the engine lets open requests finish for a while, then ends the rest, whose responses
+    then close normally), and after the graceful shutdown it does not raise the signal
+    again (which kills the process, or raises KeyboardInterrupt): the engine has stopped
+    by then, and the command returns 0."""
     import contextlib
     import signal
     import threading
@@ -181,6 +193,11 @@ def _server_class(uvicorn):
             finally:
                 for sig, handler in original.items():
                     signal.signal(sig, handler)
+
+        def handle_exit(self, sig, frame):
+            if not self.should_exit:
+                threading.Thread(target=drain, name="vlm-serve-drain", daemon=True).start()
+            super().handle_exit(sig, frame)
 
     return Server
 
