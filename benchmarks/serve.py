@@ -76,7 +76,7 @@ def tiny_checkpoint(folder: Path) -> Path:
 class Server:
     """A ``vlm serve`` process on a free localhost port."""
 
-    def __init__(self, model: str | None, batching: str, clients: int, threads: int | None):
+    def __init__(self, model: str | None, batching: str, clients: int, threads: int | None, lm_weights: str | None):
         sock = socket.socket()
         sock.bind(("127.0.0.1", 0))
         self.port = sock.getsockname()[1]
@@ -88,6 +88,8 @@ class Server:
             command += ["--model", model]
         if threads:
             command += ["--threads", str(threads)]
+        if lm_weights:
+            command += ["--lm_weights", lm_weights]
         self.process = subprocess.Popen(command, cwd=ROOT)
         import openai
 
@@ -198,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_tokens", type=int, default=32)
     parser.add_argument("--duration", type=float, default=600.0, help="clients start no request after it (s)")
     parser.add_argument("--threads", type=int, help="the server's torch threads")
+    parser.add_argument("--lm_weights", help="the server's --lm_weights, in every mode (default: the server's, auto)")
     parser.add_argument("--text_share", type=float, default=0.0, help="fraction of requests without an image")
     args = parser.parse_args(argv)
     if min(args.clients, args.requests_per_client, args.max_tokens) < 1:
@@ -212,8 +215,8 @@ def main(argv: list[str] | None = None) -> int:
     text_only = sum(not with_image for requests in plan for *_, with_image in requests)
     print(
         f"{args.clients} clients x {args.requests_per_client} requests ({text_only} without an image), max_tokens "
-        f"{args.max_tokens // 2 or 1}-{args.max_tokens}, model {model or 'bundled'}, {os.cpu_count()} CPUs, load average "
-        + " ".join(f"{x:.1f}" for x in os.getloadavg()),
+        f"{args.max_tokens // 2 or 1}-{args.max_tokens}, model {model or 'bundled'}, LM weights {args.lm_weights or 'auto'}, "
+        f"{os.cpu_count()} CPUs, load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()),
         flush=True,
     )
     rows = []
@@ -222,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         ("static batch", "static", True),
         ("continuous", "continuous", True),
     ]:
-        server = Server(model, batching, args.clients, args.threads)
+        server = Server(model, batching, args.clients, args.threads, args.lm_weights)
         try:
             one_request(server.client, image, QUESTIONS[0], 2)  # warm-up
             cpu = server.cpu_seconds()

@@ -75,6 +75,7 @@ def demo_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feedback")
     parser.add_argument("--device", default="auto")  # as every inference command's (vlm.apps)
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--lm_weights", default="auto")  # vlm.apps.LM_WEIGHTS; float32 turns fp16 weights off
     return parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0]
 
 
@@ -114,7 +115,9 @@ def get_model(folder: str):
     if folder not in allowed_models().values():
         raise ValueError("not one of the models this demo offers")
     options = demo_options()
-    return load_model(folder or None, verbose=False, device=options.device, dtype=options.dtype)
+    return load_model(
+        folder or None, verbose=False, device=options.device, dtype=options.dtype, lm_weights=options.lm_weights
+    )
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the task's adapter…")
@@ -122,7 +125,10 @@ def get_task_model(task: str):
     # The bundled adapter of a task on the bundled model's frozen tower and LM, tensor for
     # tensor: a second adapter, not a second copy of the backbones.
     options = demo_options()
-    return load_model(None, verbose=False, device=options.device, dtype=options.dtype, task=task, share=get_model(""))
+    return load_model(
+        None, verbose=False, device=options.device, dtype=options.dtype, task=task, share=get_model(""),
+        lm_weights=options.lm_weights,
+    )  # fmt: skip
 
 
 def for_task(task: str, model: VLM, processor: Processor, name: str) -> tuple[VLM, Processor, str]:

@@ -139,3 +139,34 @@ def test_bad_names_are_errors(make_model):
         fast_lm(model, "fp8")
     with pytest.raises(ValueError, match="head must be one of.*'int4'"):
         fast_lm(model, "bfloat16", head="int4")
+
+
+@needs_fbgemm
+def test_fp16_weight_linear_passes_gradients_to_its_input():
+    torch.manual_seed(0)
+    linear = nn.Linear(16, 8)
+    q = Fp16WeightLinear(linear)
+    x = torch.randn(4, 16, requires_grad=True)
+    q(x).square().sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    F.linear(ref, linear.weight.detach().half().float(), linear.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+@needs_fbgemm
+def test_apply_lm_weights_auto_converts_a_float32_cpu_model_once(make_model):
+    from vlm.quantize import apply_lm_weights
+
+    model, processor = make_model("llama")
+    assert apply_lm_weights(model, "float32") is model and apply_lm_weights(model, None) is model
+    assert not any(isinstance(m, Fp16WeightLinear) for m in model.modules())
+    assert apply_lm_weights(model, "auto") is model  # in place
+    head = model.head.base
+    assert isinstance(head, Fp16WeightLinear)
+    assert isinstance(model.decoder_layers()[0].decoder_layer.self_attn.q_proj, Fp16WeightLinear)
+    assert apply_lm_weights(model, "auto").head.base is head  # a second call changes nothing
+    assert len(_tokens(model, _batch(processor))) == NO_STOP.max_new_tokens
+    # Not in float32: left as it is.
+    other, _ = make_model("llama")
+    other.to(torch.bfloat16)
+    assert not any(isinstance(m, Fp16WeightLinear) for m in apply_lm_weights(other, "auto").modules())

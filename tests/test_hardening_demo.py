@@ -55,7 +55,7 @@ def record_loads(monkeypatch, result=None) -> list[str]:
     calls: list[str] = []
     real = vlm.load_model
 
-    def load(path=None, verbose=True, device=None, dtype=None):
+    def load(path=None, verbose=True, device=None, dtype=None, lm_weights=None):
         calls.append(str(path))
         return result if result is not None else real(path, verbose=verbose)
 
@@ -183,7 +183,7 @@ def test_broken_model_folders_show_an_error_and_fall_back(checkpoint, broken_fol
 def test_a_default_model_that_cannot_load_stops_with_a_message(checkpoint, monkeypatch, error):
     """Whatever loading raises (the library's own errors change as it is hardened)."""
 
-    def load(path=None, verbose=True, device=None, dtype=None):
+    def load(path=None, verbose=True, device=None, dtype=None, lm_weights=None):
         raise error
 
     monkeypatch.setattr(vlm, "load_model", load)

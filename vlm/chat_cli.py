@@ -71,14 +71,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     # torch and the model code only now: `vlm chat --help` answers at once.
     from .chat import Chat
     from .factory import create_model_and_transforms, load_model, place
+    from .quantize import apply_lm_weights
 
     start = time.perf_counter()
     try:
         if args.preset:
             model, processor = create_model_and_transforms(args.preset, verbose=False)
-            model = place(model, args.device, args.dtype)
+            model = apply_lm_weights(place(model, args.device, args.dtype), args.lm_weights)
         else:
-            model, processor = load_model(args.model, verbose=False, device=args.device, dtype=args.dtype)
+            model, processor = load_model(
+                args.model, verbose=False, device=args.device, dtype=args.dtype, lm_weights=args.lm_weights
+            )
         model.eval()
     except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
         parser.exit(2, f"{parser.prog}: error: cannot load the model on {args.device}: {e}\n")

@@ -325,24 +325,32 @@ def load_model(
     device: str | torch.device | None = None,
     dtype: str | torch.dtype | None = None,
     task: str | None = None,
+    lm_weights: str | None = None,
     **hub_kwargs,
 ) -> tuple[VLM, Processor]:
     """What the applications load: ``path`` (a checkpoint folder or Hub repo id, see
     :func:`from_pretrained`), or by default the bundled model (``vlm/weights/default``);
     without one, the default preset with an untrained adapter. ``task``: a task whose
     bundled adapter (:data:`TASK_CHECKPOINTS`, e.g. ``vlm/weights/sketch``) is the default
-    when there is one; ``hub_kwargs`` (``share=``, ``revision=``, ...) go to
-    :func:`from_pretrained`."""
+    when there is one; ``lm_weights``: how the frozen LM's weights are stored for inference
+    (one of ``vlm.quantize.LM_WEIGHTS``, or ``"auto"``: fp16 weights with float32 arithmetic
+    on CPUs that have the kernel, see :func:`vlm.quantize.apply_lm_weights`; ``None``: as
+    loaded);
+    ``hub_kwargs`` (``share=``, ``revision=``, ...) go to :func:`from_pretrained`."""
+    from .quantize import apply_lm_weights
+
     if path is None:
         path = task_checkpoint(task)
+    if path is None and (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
+        path = DEFAULT_CHECKPOINT
     if path is not None:
-        return from_pretrained(path, verbose=verbose, device=device, dtype=dtype, **hub_kwargs)
-    if (DEFAULT_CHECKPOINT / CONFIG_FILE).is_file():
-        return from_pretrained(DEFAULT_CHECKPOINT, verbose=verbose, device=device, dtype=dtype)
-    if verbose:
-        log.warning("no bundled checkpoint found; using the default preset with an untrained adapter")
-    model, processor = create_model_and_transforms(verbose=verbose)
-    return place(model, device, dtype), processor
+        model, processor = from_pretrained(path, verbose=verbose, device=device, dtype=dtype, **hub_kwargs)
+    else:
+        if verbose:
+            log.warning("no bundled checkpoint found; using the default preset with an untrained adapter")
+        model, processor = create_model_and_transforms(verbose=verbose)
+        model = place(model, device, dtype)
+    return apply_lm_weights(model, lm_weights), processor
 
 
 def place(model: VLM, device: str | torch.device | None, dtype: str | torch.dtype | None) -> VLM:

@@ -123,7 +123,13 @@ class Fp16WeightLinear(nn.Module):
         self.packed = torch.ops.quantized.linear_prepack_fp16(linear.weight.detach().float(), bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # fbgemm's kernel has no backward
+            return F.linear(x, self.weight.to(x.dtype), self.bias)
         return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return torch.ops.quantized.linear_unpack_fp16(self.packed)[1]
 
     @property
     def weight(self) -> torch.Tensor:
@@ -166,6 +172,23 @@ class Int8WeightLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.scale.dtype}"
+
+
+def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
+    """What the applications run (:func:`vlm.factory.load_model`'s ``lm_weights``): ``model``
+    itself with its frozen LM weights as ``weights`` (see :func:`fast_lm`). ``"auto"``: fp16
+    weights where the model runs on a CPU in float32 and PyTorch has the kernel for them,
+    else as it is; ``None`` or ``"float32"``: as it is. A model whose LM was already
+    converted (or shares converted modules) is left as it is."""
+    if weights == "auto":
+        param = next(model.lm.parameters())
+        plain = param.device.type == "cpu" and param.dtype == torch.float32
+        weights = "float16" if plain and fp16_weights_supported() else None
+    if weights in (None, "float32"):
+        return model
+    if any(isinstance(m, (Fp16WeightLinear, Int8WeightLinear)) for m in model.lm.modules()):
+        return model
+    return fast_lm(model, weights, copy=False)
 
 
 def _frozen_lm_linears(model: VLM) -> dict[str, nn.Linear]:

@@ -12,6 +12,7 @@ import argparse
 import re
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # vlm.factory.DTYPES (which imports torch)
+LM_WEIGHTS = ("auto", "float32", "float16", "bfloat16", "int8")  # vlm.quantize.LM_WEIGHTS and auto
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -22,8 +23,8 @@ def _device(text: str) -> str:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--model``, ``--device`` and ``--dtype``, which every inference command takes and
-    passes to :func:`vlm.factory.load_model`."""
+    """``--model``, ``--device``, ``--dtype`` and ``--lm_weights``, which every inference
+    command takes and passes to :func:`vlm.factory.load_model`."""
     parser.add_argument(
         "--model", metavar="DIR", help="checkpoint folder or Hub repo id owner/name (default: the bundled model)"
     )
@@ -39,4 +40,11 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=DTYPES,
         default="auto",
         help="cast the weights to this dtype (default: auto: bfloat16 on CUDA, else as stored)",
+    )
+    parser.add_argument(
+        "--lm_weights",
+        choices=LM_WEIGHTS,
+        default="auto",
+        help="how the frozen LM's weights are held for inference (default: auto: float16 weights with float32 "
+        "arithmetic on x86 CPUs, else as loaded; float32 turns that off)",
     )

@@ -352,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         # Loaded on first need: a finished job's rerun returns at once instead of loading backbones.
         if not loaded:
             try:
-                vlm_model, processor = load_model(args.model, verbose=False, device=args.device, dtype=args.dtype)
+                vlm_model, processor = load_model(
+                    args.model, verbose=False, device=args.device, dtype=args.dtype, lm_weights=args.lm_weights
+                )
                 config = CAPTION.generation_config(vlm_model, **decoding).validate()  # the checkpoint's defaults
                 loaded.append((vlm_model.eval(), processor, config))
             except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback

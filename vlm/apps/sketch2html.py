@@ -90,7 +90,9 @@ def main(argv: list[str] | None = None) -> int:
         jobs.append((sketch, out))
 
     try:
-        model, processor = load_model(args.model, device=args.device, dtype=args.dtype, task="sketch")
+        model, processor = load_model(
+            args.model, device=args.device, dtype=args.dtype, task="sketch", lm_weights=args.lm_weights
+        )
     except Exception as e:  # a wrong folder, a broken checkpoint, a missing backbone: one line, not a traceback
         print(f"error: cannot load the model from {args.model or 'the bundled checkpoint'}: {e}", file=sys.stderr)
         return 2
