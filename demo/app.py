@@ -42,6 +42,7 @@ from model_card import read_card
 from timing import Timing, timed_stream
 
 from vlm import load_model
+from vlm.apps import LM_WEIGHTS
 from vlm.chat import Chat
 from vlm.factory import DEFAULT_CHECKPOINT, task_checkpoint
 from vlm.feedback import FeedbackLog, Record
@@ -75,7 +76,7 @@ def demo_options(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--feedback")
     parser.add_argument("--device", default="auto")  # as every inference command's (vlm.apps)
     parser.add_argument("--dtype", default="auto")
-    parser.add_argument("--lm_weights", default="auto")  # vlm.apps.LM_WEIGHTS; float32 turns fp16 weights off
+    parser.add_argument("--lm_weights", choices=LM_WEIGHTS, default="auto")  # float32 turns fp16 weights off
     return parser.parse_known_args(sys.argv[1:] if argv is None else argv)[0]
 
 

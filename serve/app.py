@@ -14,6 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
+from vlm.apps import LM_WEIGHTS  # no torch: --help answers at once
+
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # vlm.images.DEFAULT_MAX_PIXELS, without importing it for --help
 
 
@@ -33,7 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add(
         "--lm_weights",
-        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        choices=LM_WEIGHTS,
         default="auto",
         help="how the frozen LM's weights are held (default: auto: float16 weights with float32 arithmetic on x86 "
         "CPUs; float32 turns that off)",

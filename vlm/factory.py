@@ -335,8 +335,7 @@ def load_model(
     when there is one; ``lm_weights``: how the frozen LM's weights are stored for inference
     (one of ``vlm.quantize.LM_WEIGHTS``, or ``"auto"``: fp16 weights with float32 arithmetic
     on CPUs that have the kernel, see :func:`vlm.quantize.apply_lm_weights`; ``None``: as
-    loaded);
-    ``hub_kwargs`` (``share=``, ``revision=``, ...) go to :func:`from_pretrained`."""
+    loaded); ``hub_kwargs`` (``share=``, ``revision=``, ...) go to :func:`from_pretrained`."""
     from .quantize import apply_lm_weights
 
     if path is None:

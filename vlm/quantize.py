@@ -124,7 +124,8 @@ class Fp16WeightLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:  # fbgemm's kernel has no backward
-            return F.linear(x, self.weight.to(x.dtype), self.bias)
+            bias = self.bias
+            return F.linear(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
         return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
 
     @property
