@@ -9,6 +9,7 @@
 
 ``--paths`` times the faster frozen-LM paths of :func:`vlm.quantize.fast_lm` (``fp16w``: the
 LM's linear layers and head with fp16 weights and float32 arithmetic, fbgemm's kernel on x86;
+``fp16w-xattn``: also the cross-attention blocks' per-token layers, what the apps run on such CPUs;
 ``bf16``: the decoder layers' weights in bf16, the LM head in float32; ``int8``: weight-only int8 linear
 layers with per-channel scales, bf16 compute; ``int8-head-fp32``: the same with a float32
 head), each alone, in the same run as the fp32 baseline (``cached``). ``--gates`` then
@@ -78,12 +79,13 @@ QUALITY_PROMPTS = [
 ]
 
 
-FAST_PATHS = {  # name: (LM weights, head) for vlm.quantize.fast_lm
-    "fp16w": ("float16", "float16"),
-    "bf16": ("bfloat16", "float32"),
-    "bf16-head-bf16": ("bfloat16", "bfloat16"),
-    "int8": ("int8", "int8"),
-    "int8-head-fp32": ("int8", "float32"),
+FAST_PATHS = {  # name: (LM weights, head, adapter) for vlm.quantize.fast_lm
+    "fp16w": ("float16", "float16", False),
+    "fp16w-xattn": ("float16", "float16", True),  # + the cross-attention blocks (the apps' default)
+    "bf16": ("bfloat16", "float32", False),
+    "bf16-head-bf16": ("bfloat16", "bfloat16", False),
+    "int8": ("int8", "int8", False),
+    "int8-head-fp32": ("int8", "float32", False),
 }
 
 
@@ -307,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens", flush=True)
     from vlm.quantize import fast_lm
 
-    fast = {name: fast_lm(model, *FAST_PATHS[name]) for name in args.paths}
+    fast = {name: fast_lm(model, *FAST_PATHS[name][:2], adapter=FAST_PATHS[name][2]) for name in args.paths}
     rows = []
     if not args.no_speed:
         rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats)

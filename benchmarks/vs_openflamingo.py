@@ -49,11 +49,12 @@ from vlm.quantize import fast_lm  # noqa: E402
 
 VIT = "vlm-bench-ViT-B-32"
 PROMPT = "<image>Question: What is in this picture? Answer:"
-PATHS = {  # name: (LM weights, head) for vlm.quantize.fast_lm
-    "fp32": ("float32", "float32"),
-    "fp16w": ("float16", "float16"),
-    "bf16": ("bfloat16", "float32"),
-    "int8": ("int8", "int8"),
+PATHS = {  # name: (LM weights, head, adapter) for vlm.quantize.fast_lm
+    "fp32": ("float32", "float32", False),
+    "fp16w": ("float16", "float16", False),
+    "fp16w-xattn": ("float16", "float16", True),  # + the cross-attention blocks (the apps' default)
+    "bf16": ("bfloat16", "float32", False),
+    "int8": ("int8", "int8", False),
 }
 
 
@@ -167,7 +168,9 @@ def main(argv: list[str] | None = None) -> int:
     register_vit(root)
     lm_dir = make_lm(root, args.lm)
     ref, tokenizer, base = convert_pair(root, VIT, lm_dir, args.every, noise=0.02)
-    ours = {path: fast_lm(base, *PATHS[path]) if path != "fp32" else base for path in args.paths}
+    ours = {
+        path: fast_lm(base, *PATHS[path][:2], adapter=PATHS[path][2]) if path != "fp32" else base for path in args.paths
+    }
     bare = None if args.no_bare else AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
     n = args.new_tokens
     prompt_ids = tokenizer([PROMPT], return_tensors="pt")["input_ids"]  # (1, S)

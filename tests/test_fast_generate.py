@@ -68,16 +68,23 @@ def test_fp16_weight_linear_is_fp32_arithmetic_on_rounded_weights():
 
 
 @needs_fbgemm
-def test_fp16_weights_are_the_fp32_model_with_its_lm_weights_rounded(trained_model):
+@pytest.mark.parametrize("adapter", [False, True])
+def test_fp16_weights_are_the_fp32_model_with_its_lm_weights_rounded(trained_model, adapter):
     model, processor = trained_model("llama")
     batch = _batch(processor)
-    fast = fast_lm(model, "float16")
+    fast = fast_lm(model, "float16", adapter=adapter)
     layer = fast.decoder_layers()[0].decoder_layer
     assert isinstance(layer.mlp.down_proj, Fp16WeightLinear) and isinstance(fast.head.base, Fp16WeightLinear)
+    blocks = [layer.xattn for layer in fast.decoder_layers() if layer.xattn is not None]
+    assert blocks and all(isinstance(b.to_q, Fp16WeightLinear) == adapter for b in blocks)
+    assert all(type(b.to_kv) is nn.Linear for b in blocks)  # run once per image: kept
     # The oracle: the same model in plain fp32 with the same weights rounded to fp16.
     rounded = fast_lm(model, "float32")
     with torch.no_grad():
         lm_modules = [m for layer in rounded.decoder_layers() for m in layer.decoder_layer.modules()]
+        if adapter:
+            blocks = [layer.xattn for layer in rounded.decoder_layers() if layer.xattn is not None]
+            lm_modules += [m for b in blocks for n, m in b.named_modules() if n != "to_kv"]
         for module in [*lm_modules, rounded.head.base]:
             if isinstance(module, nn.Linear):
                 module.weight.copy_(module.weight.half().float())
@@ -164,6 +171,7 @@ def test_apply_lm_weights_auto_converts_a_float32_cpu_model_once(make_model):
     head = model.head.base
     assert isinstance(head, Fp16WeightLinear)
     assert isinstance(model.decoder_layers()[0].decoder_layer.self_attn.q_proj, Fp16WeightLinear)
+    assert all(isinstance(x.xattn.ff[1], Fp16WeightLinear) for x in model.decoder_layers() if x.xattn is not None)
     assert apply_lm_weights(model, "auto").head.base is head  # a second call changes nothing
     assert len(_tokens(model, _batch(processor))) == NO_STOP.max_new_tokens
     # Not in float32: left as it is.

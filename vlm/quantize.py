@@ -177,7 +177,8 @@ class Int8WeightLinear(nn.Module):
 
 def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
     """What the applications run (:func:`vlm.factory.load_model`'s ``lm_weights``): ``model``
-    itself with its frozen LM weights as ``weights`` (see :func:`fast_lm`). ``"auto"``: fp16
+    itself with its frozen LM weights as ``weights`` (see :func:`fast_lm`; with ``"float16"``
+    the cross-attention blocks' per-token layers too, ``adapter=True``). ``"auto"``: fp16
     weights where the model runs on a CPU in float32 and PyTorch has the kernel for them,
     else as it is; ``None`` or ``"float32"``: as it is. A model whose LM was already
     converted (or shares converted modules) is left as it is."""
@@ -189,7 +190,7 @@ def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
         return model
     if any(isinstance(m, (Fp16WeightLinear, Int8WeightLinear)) for m in model.lm.modules()):
         return model
-    return fast_lm(model, weights, copy=False)
+    return fast_lm(model, weights, copy=False, adapter=True)
 
 
 def _frozen_lm_linears(model: VLM) -> dict[str, nn.Linear]:
@@ -210,7 +211,9 @@ def _replace_modules(root: nn.Module, swap: dict[int, nn.Module]) -> None:
                 setattr(parent, child_name, swap[id(child)])
 
 
-def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy: bool = True) -> VLM:
+def fast_lm(
+    model: VLM, weights: str = "bfloat16", head: str | None = None, *, copy: bool = True, adapter: bool = False
+) -> VLM:
     """``model`` with its frozen LM weights stored as ``weights`` for CPU decoding.
 
     ``"float16"``: the decoder layers' linear layers as :class:`Fp16WeightLinear` (fp16
@@ -220,8 +223,11 @@ def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy
     (default: ``weights``, except ``"float32"`` for ``"bfloat16"``): the LM head's weights
     (one of ``LM_WEIGHTS``); kept in float32 under bf16 layers, next-token scores are not
     rounded to bf16's 8 bits, which would tie near neighbours. The adapter (resampler, cross-attention, new token rows) and the vision
-    tower keep their dtype. ``copy=False`` changes ``model`` itself (no second copy of the
-    weights) and returns it. ``"float32"``: ``model`` unchanged (or copied)."""
+    tower keep their dtype, except with ``adapter=True`` under ``"float16"``: then the
+    cross-attention blocks' per-token linear layers (query, output and feed-forward; not the
+    keys and values, computed once per image) get fp16 weights too, for inference only
+    (their weights no longer train). ``copy=False`` changes ``model`` itself (no second copy
+    of the weights) and returns it. ``"float32"``: ``model`` unchanged (or copied)."""
     import copy as _copy
 
     if weights not in LM_WEIGHTS:
@@ -243,6 +249,11 @@ def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy
             for module in layer.decoder_layer.modules():
                 if isinstance(module, nn.Linear):
                     swap[id(module)] = Fp16WeightLinear(module)
+        if adapter:
+            for block in (layer.xattn for layer in layers if layer.xattn is not None):
+                for name, module in block.named_modules():
+                    if isinstance(module, nn.Linear) and name != "to_kv":
+                        swap[id(module)] = Fp16WeightLinear(module)
     elif weights != "float32":
         for layer in layers:
             layer.decoder_layer.to(torch.bfloat16)
@@ -266,7 +277,7 @@ def fast_lm(model: VLM, weights: str = "bfloat16", head: str | None = None, copy
     else:
         swap[id(old_head)] = CastingLinear.like(plain, getattr(torch, head))
     _replace_modules(out, swap)
-    out.lm_weights = (weights, head)
+    out.lm_weights = (weights, head, adapter and weights == "float16")
     return out
 
 

@@ -145,7 +145,7 @@ class GatedCrossAttentionBlock(nn.Module):
         allowed, has_media = media.mask()
         if media.latents.shape[1] == 1:
             allowed = None  # one image: every row with media sees all keys; skip the mask
-        h = x.to(self.to_q.weight.dtype)
+        h = x.to(self.attn_gate.dtype)  # the block's dtype (its linears may store theirs otherwise)
         q = self.q_norm(self.to_q(self.norm(h)).unflatten(-1, (self.heads, -1)).transpose(1, 2))  # (B, H, S, hd)
         attn = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=allowed)
         attn = self.to_out(attn.transpose(1, 2).flatten(2))  # (B, S, D)
