@@ -11,6 +11,9 @@ arms=("${@:-base tokens px640 latents128 px640-tokens}")
 home="${VLM_ABLATION_DIR:-$HOME/.cache/vlm/ablation}"
 bin="$root/.venv/bin"
 export HF_HUB_OFFLINE=1
+# glibc: return freed large tensors to the system at once (a fixed mmap threshold instead of
+# the dynamic one), so an arm's resident memory stays near its peak use, not above it.
+export MALLOC_MMAP_THRESHOLD_="${MALLOC_MMAP_THRESHOLD_:-131072}"
 [ -d "$home/base/init" ] || "$bin/python" experiments/sketch_arms.py init "$home"
 for arm in ${arms[@]}; do
   run="$HOME/.cache/vlm/runs/abl-$arm"

@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
         choices=LM_WEIGHTS,
         default="auto",
         help="how the frozen LM's weights are held (default: auto: float16 weights with float32 arithmetic on x86 "
-        "CPUs; float32 turns that off)",
+        "CPUs, the cross-attention blocks' too; float32 turns that off)",
     )
     add("--threads", type=int, metavar="N", help="torch's CPU threads (default: torch's choice)")
     add("--max_concurrent", type=int, default=8, metavar="N", help="sequences decoding together (%(default)s)")

@@ -46,5 +46,5 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         choices=LM_WEIGHTS,
         default="auto",
         help="how the frozen LM's weights are held for inference (default: auto: float16 weights with float32 "
-        "arithmetic on x86 CPUs, else as loaded; float32 turns that off)",
+        "arithmetic on x86 CPUs, the cross-attention blocks' too, else as loaded; float32 turns that off)",
     )
