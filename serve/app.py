@@ -14,7 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
-from vlm.apps import LM_WEIGHTS  # no torch: --help answers at once
+from vlm.apps import LM_WEIGHTS, LM_WEIGHTS_HELP  # no torch: --help answers at once
 
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096  # vlm.images.DEFAULT_MAX_PIXELS, without importing it for --help
 
@@ -37,8 +37,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lm_weights",
         choices=LM_WEIGHTS,
         default="auto",
-        help="how the frozen LM's weights are held (default: auto: float16 weights with float32 arithmetic on x86 "
-        "CPUs, the cross-attention blocks' too; float32 turns that off)",
+        help=LM_WEIGHTS_HELP,
     )
     add("--threads", type=int, metavar="N", help="torch's CPU threads (default: torch's choice)")
     add("--max_concurrent", type=int, default=8, metavar="N", help="sequences decoding together (%(default)s)")

@@ -13,6 +13,10 @@ import re
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # vlm.factory.DTYPES (which imports torch)
 LM_WEIGHTS = ("auto", "float32", "float16", "bfloat16", "int8")  # vlm.quantize.LM_WEIGHTS and auto
+LM_WEIGHTS_HELP = (
+    "how the frozen weights are held for inference (default: auto: float16 weights with float32 arithmetic "
+    "for the LM and the cross-attention blocks on x86 CPUs, else as loaded; float32 turns that off)"
+)
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
@@ -45,6 +49,5 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--lm_weights",
         choices=LM_WEIGHTS,
         default="auto",
-        help="how the frozen LM's weights are held for inference (default: auto: float16 weights with float32 "
-        "arithmetic on x86 CPUs, the cross-attention blocks' too, else as loaded; float32 turns that off)",
+        help=LM_WEIGHTS_HELP,
     )
