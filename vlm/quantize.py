@@ -104,27 +104,6 @@ def fp16_weights_supported() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
-def _linear_fp16(x: torch.Tensor, packed: torch.classes.quantized.LinearPackedParamsBase) -> torch.Tensor:
-    return torch.ops.quantized.linear_dynamic_fp16(x, packed)
-
-
-def _scripted(fn):
-    """``fn`` compiled by TorchScript, or ``fn`` itself where that is unavailable."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated, not yet replaced here
-            return torch.jit.script(fn)
-    except Exception:  # noqa: BLE001  (a future PyTorch without TorchScript: the plain call works)
-        return fn
-
-
-# Called from Python, the op converts its packed-weights argument (a TorchScript object) at
-# a cost of ~30 µs, ~7 ms of a decode step's ~240 calls; called from TorchScript it does not.
-# (torch.fbgemm_linear_fp16_weight is cheap to call but runs on one thread.)
-if fp16_weights_supported():
-    _linear_fp16 = _scripted(_linear_fp16)
-
-
 class Fp16WeightLinear(nn.Module):
     """A frozen linear layer whose weights are stored in float16 and multiplied in float32
     by fbgemm's kernel (``torch.ops.quantized.linear_dynamic_fp16``, x86 CPUs).
@@ -147,9 +126,7 @@ class Fp16WeightLinear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:  # fbgemm's kernel has no backward
             bias = self.bias
             return F.linear(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
-        if x.dtype == torch.float32:
-            return _linear_fp16(x, self.packed)
-        return _linear_fp16(x.float(), self.packed).to(x.dtype)
+        return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
 
     @property
     def bias(self) -> torch.Tensor | None:
