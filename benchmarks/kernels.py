@@ -10,7 +10,8 @@ weights, the second by arithmetic, so the best format differs between them. For 
 from ``vlm.quantize`` on the same random weights, and prints the median time and float32's
 time over it (above 1: faster than float32). Run it on an idle machine.
 
-Formats: ``fp32``; ``fp16w`` (fp16 weights, fp32 arithmetic: fbgemm, x86 only); ``int8w``
+Formats: ``fp32``; ``fp16w`` (fp16 weights, fp32 arithmetic: fbgemm, x86 only);
+``fp16w-op`` (the same kernel through ``torch.ops``' public entry, ~30 µs a call slower); ``int8w``
 (weight-only int8, bf16 arithmetic); ``int8dyn`` (PyTorch dynamic quantisation: int8
 weights and per-tensor int8 activations); ``bf16`` (weights and activations; not timed
 unless named: without a CPU's bf16 instructions it can be tens of times slower).
@@ -38,6 +39,9 @@ def layer(fmt: str, linear: nn.Linear):
         return linear
     if fmt == "fp16w":
         return Fp16WeightLinear(linear)
+    if fmt == "fp16w-op":  # the same layer called through torch.ops' public entry
+        packed = Fp16WeightLinear(linear).packed
+        return lambda x: torch.ops.quantized.linear_dynamic_fp16(x, packed)
     if fmt == "int8w":
         return Int8WeightLinear(linear)
     if fmt == "bf16":
@@ -71,15 +75,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="INxOUT (default: %(default)s)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
-    formats = ["fp32", "fp16w", "int8w", "int8dyn", "bf16"]
-    parser.add_argument("--formats", nargs="+", choices=formats, default=formats[:-1])
+    formats = ["fp32", "fp16w", "fp16w-op", "int8w", "int8dyn", "bf16"]
+    parser.add_argument("--formats", nargs="+", choices=formats, default=["fp32", "fp16w", "int8w", "int8dyn"])
     parser.add_argument(
         "--working_set_mb", type=float, default=64, help="float32 weights cycled through (default: %(default)s)"
     )
     parser.add_argument("--min_s", type=float, default=0.3, help="time spent per measurement (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fmts = [f for f in args.formats if f != "fp16w" or fp16_weights_supported()]
+    fmts = [f for f in args.formats if not f.startswith("fp16w") or fp16_weights_supported()]
     if "fp32" not in fmts:
         fmts.insert(0, "fp32")
     print(

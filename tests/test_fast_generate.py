@@ -65,6 +65,12 @@ def test_fp16_weight_linear_is_fp32_arithmetic_on_rounded_weights():
     assert got.shape == (3, 5, 48) and got.dtype == torch.float32
     torch.testing.assert_close(got, F.linear(x, rounded, linear.bias.detach()), rtol=1e-5, atol=1e-5)
     assert q(x.bfloat16()).dtype == torch.bfloat16  # the output goes back to the input's dtype
+    # The forward calls the kernel through its dispatcher handle; it must be the public op's result.
+    public = torch.ops.quantized.linear_dynamic_fp16(x, q.packed)
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            assert torch.equal(q(x), public)
+            assert torch.equal(q(x.transpose(0, 1)), public.transpose(0, 1))  # a strided input
 
 
 @needs_fbgemm

@@ -11,6 +11,7 @@ measures the effect on speed, greedy outputs and perplexity.
 
 from __future__ import annotations
 
+import functools
 import warnings
 
 import torch
@@ -104,6 +105,24 @@ def fp16_weights_supported() -> bool:
     return "fbgemm" in torch.backends.quantized.supported_engines
 
 
+@functools.cache
+def _fp16_linear():
+    """fbgemm's fp16-weight linear, called as cheaply as PyTorch allows.
+
+    ``torch.ops.quantized.linear_dynamic_fp16(x, packed)`` costs ~30 µs a call from Python
+    on top of the kernel: torch.ops' entry looks for ``__torch_function__`` on every
+    argument, and the packed weights (a TorchScript object) answer a missing attribute by
+    raising a C++ exception. Calling the op's CPU kernel through its dispatcher handle skips
+    that (``benchmarks/kernels.py --formats fp16w fp16w-op`` times both); no autograd key is crossed, which
+    is why ``Fp16WeightLinear`` only takes this route when no gradient is wanted."""
+    op = torch.ops.quantized.linear_dynamic_fp16.default
+    handle = getattr(op, "_handle", None)
+    if handle is None or not hasattr(handle, "redispatch_boxed"):  # another PyTorch: the public call
+        return op
+    cpu = torch._C.DispatchKeySet(torch._C.DispatchKey.CPU)
+    return lambda x, packed: handle.redispatch_boxed(cpu, x, packed)
+
+
 class Fp16WeightLinear(nn.Module):
     """A frozen linear layer whose weights are stored in float16 and multiplied in float32
     by fbgemm's kernel (``torch.ops.quantized.linear_dynamic_fp16``, x86 CPUs).
@@ -126,6 +145,8 @@ class Fp16WeightLinear(nn.Module):
         if torch.is_grad_enabled() and x.requires_grad:  # fbgemm's kernel has no backward
             bias = self.bias
             return F.linear(x, self.weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+        if x.dtype == torch.float32 and x.device.type == "cpu":
+            return _fp16_linear()(x, self.packed)
         return torch.ops.quantized.linear_dynamic_fp16(x.float(), self.packed).to(x.dtype)
 
     @property
