@@ -24,7 +24,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from vlm.engine import Engine, EngineClosed, Output, QueueFull
+from vlm.engine import Engine, EngineClosed, Output, QueueFull, release_openmp_threads
 from vlm.generate import GenerationConfig
 from vlm.processor import Processor, Segment
 
@@ -189,7 +189,16 @@ async def _read_json(request: Request, limit: int):
 def _prepare(processor: Processor, conv: Conversation, media: MediaPolicy):
     """Images fetched and decoded, the prompt rendered and tokenised (in a worker thread).
     Every piece of user text goes through the processor's chat format, which escapes it:
-    no request can write a control token such as ``<image>`` or ``<|im_end|>``."""
+    no request can write a control token such as ``<image>`` or ``<|im_end|>``. The
+    thread's OpenMP workers are let go afterwards, so the engine thread's stay quick to
+    wake (:func:`vlm.engine.release_openmp_threads`)."""
+    try:
+        return _prepare_inputs(processor, conv, media)
+    finally:
+        release_openmp_threads()
+
+
+def _prepare_inputs(processor: Processor, conv: Conversation, media: MediaPolicy):
     images = [load_image_url(url, media, f"image {k + 1}") for k, url in enumerate(conv.image_urls)]
     chat = processor
     if conv.system is not None and processor.uses_chat_template:

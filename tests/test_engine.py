@@ -358,3 +358,45 @@ def test_a_repetition_penalty_gives_its_tokens_alone_in_a_batch(trained_model):
     with engine:
         assert all(r.wait(60) for r in requests)
     assert [r.tokens for r in requests] == alone
+
+
+@pytest.mark.skipif(
+    not __import__("os").path.isdir("/proc/self/task")
+    or "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    reason="counts threads through Linux's /proc with torch on OpenMP",
+)
+def test_a_thread_lets_its_openmp_workers_go():
+    """A thread that ran parallel work holds OpenMP workers until it lets them go; the
+    engine relies on this to keep one team of workers per process (see the function)."""
+    import os
+
+    from vlm.engine import release_openmp_threads
+
+    seen = {}
+
+    def tasks() -> set[str]:
+        return set(os.listdir("/proc/self/task"))
+
+    def work():
+        x = torch.randn(600, 600)
+        before = tasks()
+        x @ x  # a parallel region: this thread gets its workers
+        seen["workers"] = tasks() - before
+        seen["released"] = release_openmp_threads()
+        seen["left"] = seen["workers"] & tasks()
+        x @ x  # parallel work still runs, on new workers
+        seen["new workers"] = tasks() - before - seen["workers"]
+        release_openmp_threads()
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        t = threading.Thread(target=work)
+        t.start()
+        t.join()
+    finally:
+        torch.set_num_threads(threads)
+    assert len(seen["workers"]) == 1  # two threads: this one and one worker
+    assert seen["released"] is True
+    assert seen["left"] == set()
+    assert len(seen["new workers"]) == 1

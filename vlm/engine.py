@@ -33,6 +33,8 @@ them to its event loop) or, without one, from :meth:`Request.outputs`.
 from __future__ import annotations
 
 import collections
+import ctypes
+import functools
 import itertools
 import logging
 import math
@@ -50,7 +52,16 @@ from .generate import GenerationConfig, _first_stop_string, _held_back, _pick, _
 from .model import VLM
 from .session import Session
 
-__all__ = ["Engine", "EngineConfig", "EngineClosed", "Output", "QueueFull", "Request", "FINISH_REASONS"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "EngineClosed",
+    "Output",
+    "QueueFull",
+    "Request",
+    "FINISH_REASONS",
+    "release_openmp_threads",
+]
 
 log = logging.getLogger(__name__)
 
@@ -219,12 +230,61 @@ class _Batch:
     session: Session | None = None
 
 
+def release_openmp_threads() -> bool:
+    """Let the calling thread's idle OpenMP worker threads go (OpenMP 5's
+    ``omp_pause_resource_all``, soft); this thread makes new ones when it next runs parallel
+    work. Returns whether the runtime did it (False where torch's threads are not OpenMP's
+    or the runtime lacks the call).
+
+    Why: GNU OpenMP (torch's on Linux) gives every thread that runs parallel work its own
+    team of workers, and once the process holds more of them than it has CPUs, an idle
+    worker stops spinning and sleeps at once. Each parallel op of the engine thread then
+    waits for its workers to wake: a decode step of the bundled model took twice as long on
+    a second thread as on the first, until the first let its workers go. So the thread that
+    loaded the model (on :meth:`Engine.start`), and any thread that prepares inputs with
+    torch ops (a server's image decoding), should call this when done."""
+    ok = False
+    for pause in _omp_pause_calls():
+        ok |= pause(1) == 0  # 1: omp_pause_soft
+    return ok
+
+
+@functools.cache
+def _omp_pause_calls() -> tuple:
+    """``omp_pause_resource_all`` of each OpenMP runtime loaded in this process, when torch
+    runs its parallel work on OpenMP."""
+    if "parallel backend: OpenMP" not in torch.__config__.parallel_info():
+        return ()
+    paths = []
+    try:
+        with open("/proc/self/maps") as maps:  # Linux: the libraries actually loaded
+            for line in maps:
+                fields = line.split(None, 5)
+                path = fields[5].strip() if len(fields) == 6 else ""
+                name = os.path.basename(path)
+                if name.startswith(("libgomp", "libiomp", "libomp")) and ".so" in name and path not in paths:
+                    paths.append(path)
+    except OSError:
+        pass
+    calls = []
+    for path in paths:
+        try:
+            call = ctypes.CDLL(path).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        call.argtypes, call.restype = [ctypes.c_int], ctypes.c_int
+        calls.append(call)
+    return tuple(calls)
+
+
 class Engine:
     """Runs ``model`` for many requests at once in one background thread.
 
     Use it as a context manager, or call :meth:`start` and :meth:`shutdown`. The model
     must not be used by another thread while the engine runs (tensors are shared, and
-    torch's own threads are configured per process).
+    torch's own threads are configured per process). :meth:`start` lets the calling
+    thread's OpenMP workers go (:func:`release_openmp_threads`), so the engine thread's
+    own stay quick to wake.
     """
 
     def __init__(self, model: VLM, tokenizer, config: EngineConfig | None = None):
@@ -273,6 +333,7 @@ class Engine:
                 raise EngineClosed("the engine was shut down")
             self._thread = threading.Thread(target=self._loop, name="vlm-engine", daemon=True)
             self._thread.start()
+        release_openmp_threads()
         return self
 
     def __enter__(self) -> Engine:
