@@ -1,7 +1,8 @@
-"""Generation speed: our caches against two baselines, in the same run.
+"""Generation speed: our caches against three baselines, in the same run.
 
     python benchmarks/generate.py            # default backbones (EfficientNet-Lite0 + SmolLM2-135M)
     python benchmarks/generate.py --tiny     # tiny random backbones, seconds
+    python benchmarks/generate.py --new-tokens 256 --modes cached kv-concat   # the KV cache on long answers
     python benchmarks/generate.py --int8     # also: int8 LM speed and its effect on quality
     python benchmarks/generate.py --sketch-lookup 30   # sketch → HTML: prompt-lookup drafts vs plain greedy
     python benchmarks/generate.py --paths fp16w bf16 int8   # also: frozen LM weights in fp16 / bf16 / int8
@@ -12,14 +13,16 @@ LM's linear layers and head with fp16 weights and float32 arithmetic, fbgemm's k
 ``fp16w-xattn``: also the cross-attention blocks' per-token layers, what the apps run on such CPUs;
 ``bf16``: the decoder layers' weights in bf16, the LM head in float32; ``int8``: weight-only int8 linear
 layers with per-channel scales, bf16 compute; ``int8-head-fp32``: the same with a float32
-head), each alone, in the same run as the fp32 baseline (``cached``). ``--gates`` then
-checks each on the bundled model against fp32: greedy answers identical on 32 fixed
+head), each alone (``cached``, and ``kv-concat`` when ``--modes`` asks for it), in the same
+run as the fp32 baseline (``cached``). ``--gates`` then checks each on the bundled model against fp32: greedy answers identical on 32 fixed
 easy-VQA test questions, and optionally easy-VQA accuracy on the first ``--gate-vqa``
 test questions and sketch-to-HTML structure on ``--gate-sketch`` test sketches. With
 ``--gates`` the bundled model (``vlm.load_model()``) is the one timed.
 
 Modes: ``cached`` (LM KV cache + cross-attention K/V over the image computed once per
-request: ours), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
+request: ours), ``kv-concat`` (the same, but the LM's KV cache grown by concatenation at
+every step, transformers' ``DynamicCache`` as it is, instead of written into spare room:
+:class:`vlm.session.GrowingLayer`), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
 recomputed at every step in every cross-attention layer, as OpenFlamingo does), and
 ``no-cache`` (the whole sequence rerun at every step). Time to first token includes
 encoding the image. Exactly ``--new-tokens`` tokens are generated (stop tokens off).
@@ -34,8 +37,10 @@ import time
 
 import torch
 from PIL import Image, ImageDraw
+from transformers import DynamicCache
 
 import vlm
+import vlm.session
 from vlm.generate import GenerationConfig, generate
 
 
@@ -108,14 +113,29 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+MODES = ("cached", "kv-concat", "media-kv-every-step", "no-cache")
+
+
+def concat_cache(config, layers=None) -> DynamicCache:
+    """transformers' own ``DynamicCache``, which concatenates at every step (``kv-concat``)."""
+    return DynamicCache(ddp_cache_data=layers, config=config)
+
+
 def run_mode(model, batch, new_tokens: int, mode: str) -> None:
     cfg = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
     args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    generate(model, *args, config=cfg, cache_media_kv=(mode == "cached"), use_cache=(mode != "no-cache"))
+    ours = vlm.session.new_cache
+    if mode == "kv-concat":
+        vlm.session.new_cache = concat_cache
+    try:
+        media_kv = mode in ("cached", "kv-concat")
+        generate(model, *args, config=cfg, cache_media_kv=media_kv, use_cache=(mode != "no-cache"))
+    finally:
+        vlm.session.new_cache = ours
 
 
 def speed_table(model, processor, batch_sizes, new_tokens: int, repeats: int, label: str = "", modes=None):
-    modes = modes or ("cached", "media-kv-every-step", "no-cache")
+    modes = modes or MODES
     rows = []
     for bs in batch_sizes:
         segments = [processor.chat_segments([(QUESTIONS[i % len(QUESTIONS)], None)]) for i in range(bs)]
@@ -127,14 +147,10 @@ def speed_table(model, processor, batch_sizes, new_tokens: int, repeats: int, la
                 total = timed(lambda m=mode, b=batch: run_mode(model, b, new_tokens, m), repeats)
             results[mode] = (ttft, bs * new_tokens / total)
             rows.append((f"{label}{mode}", bs, ttft, bs * new_tokens / total))
-        if len(modes) < 3:
-            continue
-        base = results["cached"][1]
-        print(
-            f"batch {bs}: cached is {base / results['no-cache'][1]:.2f}x no-cache and "
-            f"{base / results['media-kv-every-step'][1]:.2f}x media-kv-every-step in tokens/s",
-            flush=True,
-        )
+        if "cached" in results and len(results) > 1:
+            base = results["cached"][1]
+            others = ", ".join(f"{base / tps:.2f}x {mode}" for mode, (_, tps) in results.items() if mode != "cached")
+            print(f"batch {bs}: cached is {others} in tokens/s", flush=True)
     return rows
 
 
@@ -284,6 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tiny", action="store_true", help="tiny random backbones instead of the defaults")
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES), help="the modes to time")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--int8", action="store_true", help="also time the int8 LM and compare its outputs")
     parser.add_argument("--threads", type=int, default=None)
@@ -312,11 +329,10 @@ def main(argv: list[str] | None = None) -> int:
     fast = {name: fast_lm(model, *FAST_PATHS[name][:2], adapter=FAST_PATHS[name][2]) for name in args.paths}
     rows = []
     if not args.no_speed:
-        rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats)
+        rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats, modes=args.modes)
         for name, other in fast.items():
-            rows += speed_table(
-                other, processor, args.batch_sizes, args.new_tokens, args.repeats, f"{name} ", ["cached"]
-            )
+            modes = [m for m in args.modes if m in ("cached", "kv-concat")] or ["cached"]
+            rows += speed_table(other, processor, args.batch_sizes, args.new_tokens, args.repeats, f"{name} ", modes)
     gate_lines = []
     if args.gates and fast:
         gate_lines = quality_gates(model, processor, fast, args.gate_vqa, args.gate_sketch, args.gate_batch)
