@@ -339,8 +339,8 @@ class GrowingLayer(DynamicLayer):
     """A :class:`~transformers.cache_utils.DynamicLayer` that keeps room at the end: new
     keys and values are written into a buffer longer than what it holds, and ``keys`` /
     ``values`` are views of its first positions. A decode step then copies one position
-    per layer instead of the whole cache (``torch.cat``), which at batch 8 and a few hundred
-    positions had become the largest cost of a step. When the room runs out, or ``keys``
+    per layer instead of the whole cache (``torch.cat``), a cost that grows with the cache
+    and the batch (docs/generation.md has the figures). When the room runs out, or ``keys``
     was replaced by another tensor (a reorder, a repeat), the next update moves to a new
     buffer with half as much again to spare. Under autograd it concatenates as its parent
     does (writing in place would invalidate tensors a backward pass still needs)."""
@@ -375,7 +375,9 @@ class GrowingLayer(DynamicLayer):
 
 def _holds(buffer: torch.Tensor, held: torch.Tensor, new: torch.Tensor) -> bool:
     """Whether ``held`` is empty or the first positions of ``buffer``, and ``new`` fits beside it."""
-    if buffer.shape[:-2] != new.shape[:-2] or buffer.shape[-1] != new.shape[-1] or buffer.dtype != new.dtype:
+    if buffer.shape[:-2] != new.shape[:-2] or buffer.shape[-1] != new.shape[-1]:
+        return False
+    if buffer.dtype != new.dtype or buffer.device != new.device:
         return False
     if held.numel() == 0:
         return True
