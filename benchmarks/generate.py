@@ -25,7 +25,8 @@ every step, transformers' ``DynamicCache`` as it is, instead of written into spa
 :class:`vlm.session.GrowingLayer`), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
 recomputed at every step in every cross-attention layer, as OpenFlamingo does), and
 ``no-cache`` (the whole sequence rerun at every step). Time to first token includes
-encoding the image. Exactly ``--new-tokens`` tokens are generated (stop tokens off).
+encoding the image. Exactly ``--new-tokens`` tokens are generated (stop tokens off). After
+one warm-up each, the repetitions of the modes are interleaved; medians are reported.
 """
 
 from __future__ import annotations
@@ -103,14 +104,10 @@ def build(tiny: bool):
     return vlm.create_model_and_transforms(tiny_config(folder), verbose=False)
 
 
-def timed(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+def seconds(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
 
 
 MODES = ("cached", "kv-concat", "media-kv-every-step", "no-cache")
@@ -140,11 +137,19 @@ def speed_table(model, processor, batch_sizes, new_tokens: int, repeats: int, la
     for bs in batch_sizes:
         segments = [processor.chat_segments([(QUESTIONS[i % len(QUESTIONS)], None)]) for i in range(bs)]
         batch = processor(segments, [[example_image()] for _ in range(bs)], padding_side="left")
+        firsts: dict[str, list[float]] = {mode: [] for mode in modes}
+        totals: dict[str, list[float]] = {mode: [] for mode in modes}
+        with torch.inference_mode():
+            for mode in modes:  # warm-up
+                run_mode(model, batch, 1, mode)
+                run_mode(model, batch, new_tokens, mode)
+            for _ in range(repeats):  # interleaved: a change in the machine's speed hits every mode alike
+                for mode in modes:
+                    firsts[mode].append(seconds(lambda m=mode, b=batch: run_mode(model, b, 1, m)))
+                    totals[mode].append(seconds(lambda m=mode, b=batch: run_mode(model, b, new_tokens, m)))
         results = {}
         for mode in modes:
-            with torch.inference_mode():
-                ttft = timed(lambda m=mode, b=batch: run_mode(model, b, 1, m), repeats)
-                total = timed(lambda m=mode, b=batch: run_mode(model, b, new_tokens, m), repeats)
+            ttft, total = statistics.median(firsts[mode]), statistics.median(totals[mode])
             results[mode] = (ttft, bs * new_tokens / total)
             rows.append((f"{label}{mode}", bs, ttft, bs * new_tokens / total))
         if "cached" in results and len(results) > 1:
