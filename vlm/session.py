@@ -370,6 +370,8 @@ class GrowingLayer(DynamicLayer):
         room[0][..., length:end, :].copy_(key_states)
         room[1][..., length:end, :].copy_(value_states)
         self.keys, self.values = room[0][..., :end, :], room[1][..., :end, :]
+        if length == 0:  # the new states are the whole cache: attention reads them as they are (contiguous)
+            return key_states, value_states
         return self.keys, self.values
 
 
