@@ -1,8 +1,7 @@
-"""Generation speed: our caches against three baselines, in the same run.
+"""Generation speed: our caches against two baselines, in the same run.
 
     python benchmarks/generate.py            # default backbones (EfficientNet-Lite0 + SmolLM2-135M)
     python benchmarks/generate.py --tiny     # tiny random backbones, seconds
-    python benchmarks/generate.py --new-tokens 256 --modes cached kv-concat   # the KV cache on long answers
     python benchmarks/generate.py --int8     # also: int8 LM speed and its effect on quality
     python benchmarks/generate.py --sketch-lookup 30   # sketch → HTML: prompt-lookup drafts vs plain greedy
     python benchmarks/generate.py --paths fp16w bf16 int8   # also: frozen LM weights in fp16 / bf16 / int8
@@ -13,16 +12,14 @@ LM's linear layers and head with fp16 weights and float32 arithmetic, fbgemm's k
 ``fp16w-xattn``: also the cross-attention blocks' per-token layers, what the apps run on such CPUs;
 ``bf16``: the decoder layers' weights in bf16, the LM head in float32; ``int8``: weight-only int8 linear
 layers with per-channel scales, bf16 compute; ``int8-head-fp32``: the same with a float32
-head), each alone (``cached``, and ``kv-concat`` when ``--modes`` asks for it), in the same
-run as the fp32 baseline (``cached``). ``--gates`` then checks each on the bundled model against fp32: greedy answers identical on 32 fixed
+head), each alone, in the same run as the fp32 baseline (``cached``). ``--gates`` then
+checks each on the bundled model against fp32: greedy answers identical on 32 fixed
 easy-VQA test questions, and optionally easy-VQA accuracy on the first ``--gate-vqa``
 test questions and sketch-to-HTML structure on ``--gate-sketch`` test sketches. With
 ``--gates`` the bundled model (``vlm.load_model()``) is the one timed.
 
 Modes: ``cached`` (LM KV cache + cross-attention K/V over the image computed once per
-request: ours), ``kv-concat`` (the same, but the LM's KV cache grown by concatenation at
-every step, transformers' ``DynamicCache`` as it is, instead of written into spare room:
-:class:`vlm.session.GrowingLayer`), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
+request: ours), ``media-kv-every-step`` (LM KV cache, but the cross-attention K/V
 recomputed at every step in every cross-attention layer, as OpenFlamingo does), and
 ``no-cache`` (the whole sequence rerun at every step). Time to first token includes
 encoding the image. Exactly ``--new-tokens`` tokens are generated (stop tokens off). After
@@ -38,10 +35,8 @@ import time
 
 import torch
 from PIL import Image, ImageDraw
-from transformers import DynamicCache
 
 import vlm
-import vlm.session
 from vlm.generate import GenerationConfig, generate
 
 
@@ -110,25 +105,13 @@ def seconds(fn) -> float:
     return time.perf_counter() - start
 
 
-MODES = ("cached", "kv-concat", "media-kv-every-step", "no-cache")
-
-
-def concat_cache(config, layers=None) -> DynamicCache:
-    """transformers' own ``DynamicCache``, which concatenates at every step (``kv-concat``)."""
-    return DynamicCache(ddp_cache_data=layers, config=config)
+MODES = ("cached", "media-kv-every-step", "no-cache")
 
 
 def run_mode(model, batch, new_tokens: int, mode: str) -> None:
     cfg = GenerationConfig(max_new_tokens=new_tokens, stop_token_ids=())
     args = (batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
-    ours = vlm.session.new_cache
-    if mode == "kv-concat":
-        vlm.session.new_cache = concat_cache
-    try:
-        media_kv = mode in ("cached", "kv-concat")
-        generate(model, *args, config=cfg, cache_media_kv=media_kv, use_cache=(mode != "no-cache"))
-    finally:
-        vlm.session.new_cache = ours
+    generate(model, *args, config=cfg, cache_media_kv=(mode == "cached"), use_cache=(mode != "no-cache"))
 
 
 def speed_table(model, processor, batch_sizes, new_tokens: int, repeats: int, label: str = "", modes=None):
@@ -336,8 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_speed:
         rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats, modes=args.modes)
         for name, other in fast.items():
-            modes = [m for m in args.modes if m in ("cached", "kv-concat")] or ["cached"]
-            rows += speed_table(other, processor, args.batch_sizes, args.new_tokens, args.repeats, f"{name} ", modes)
+            rows += speed_table(
+                other, processor, args.batch_sizes, args.new_tokens, args.repeats, f"{name} ", ["cached"]
+            )
     gate_lines = []
     if args.gates and fast:
         gate_lines = quality_gates(model, processor, fast, args.gate_vqa, args.gate_sketch, args.gate_batch)

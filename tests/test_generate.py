@@ -36,53 +36,6 @@ def test_cached_greedy_equals_full_recomputation(trained_model, family):
             assert logits.argmax(-1).item() == reference[0]
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2", "qwen2"])
-def test_the_growing_kv_cache_gives_transformers_own_logits_and_writes_in_place(trained_model, family, monkeypatch):
-    """GrowingLayer writes each step into spare room instead of concatenating: the same
-    logits bit for bit as transformers' DynamicCache, through left padding, row selection,
-    beams (repeat) and rewinding; and a decode step moves no cached position."""
-    from transformers import DynamicCache
-
-    import vlm.session
-
-    model, processor = trained_model(family)
-    batch = processor(PROMPTS, _images(), padding_side="left")
-
-    def run() -> tuple[list[torch.Tensor], Session]:
-        with torch.inference_mode():
-            session = Session(model, batch["pixel_values"])
-            out = [session.feed(batch["input_ids"], batch["attention_mask"])]
-            for _ in range(6):
-                out.append(session.feed(out[-1].argmax(-1)[:, None]))
-            session.keep(torch.tensor([2, 0]))
-            out.append(out[-1][[2, 0]])
-            session.repeat_interleave(2)
-            out.append(out[-1].repeat_interleave(2, 0))
-            for _ in range(4):
-                out.append(session.feed(out[-1].argmax(-1)[:, None]))
-            session.rewind(session.length - 3)
-            for _ in range(5):
-                out.append(session.feed(out[-1].argmax(-1)[:, None]))
-        return out, session
-
-    ours, session = run()
-    layer = session.cache.layers[0]
-    assert type(layer) is vlm.session.GrowingLayer
-    start, length = layer.keys.data_ptr(), layer.keys.shape[-2]
-    with torch.inference_mode():
-        session.feed(torch.zeros(4, 1, dtype=torch.long))
-    assert layer.keys.shape[-2] == length + 1 and layer.keys.data_ptr() == start  # written in place, no copy
-
-    monkeypatch.setattr(
-        vlm.session, "new_cache", lambda config, layers=None: DynamicCache(ddp_cache_data=layers, config=config)
-    )
-    theirs, session = run()
-    assert type(session.cache.layers[0]) is not vlm.session.GrowingLayer
-    assert len(ours) == len(theirs)
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
-
-
 def test_a_cache_the_lm_does_not_fill_is_an_error(trained_model):
     # What transformers 5.17 did with our cache argument (it was named past_key_values
     # there): it went to **kwargs unread, and cached generation was silently wrong.

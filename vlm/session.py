@@ -45,7 +45,7 @@ class Session:
             for layer in model.decoder_layers():
                 if layer.xattn is not None:
                     self.media_kv[layer.index] = layer.xattn.media_kv(self.latents)
-        self.cache = new_cache(model.lm.config) if use_cache else None
+        self.cache = DynamicCache(config=model.lm.config) if use_cache else None
         self.ids: torch.Tensor | None = None  # (B, S) every token fed so far
         self.attention_mask: torch.Tensor | None = None  # (B, S)
 
@@ -174,7 +174,7 @@ class Session:
         fed = [s for s in sessions if s.ids is not None]
         merged = copy.copy(first)
         merged.ids = merged.attention_mask = None
-        merged.cache = new_cache(first.model.lm.config)
+        merged.cache = DynamicCache(config=first.model.lm.config)
         if fed:
             template = _plain_cache_layers(fed[0].cache)
             layers = [_plain_cache_layers(s.cache) if s.ids is not None else None for s in sessions]
@@ -196,9 +196,8 @@ class Session:
             merged.attention_mask = torch.cat(
                 [left(s.attention_mask, n, s, 1, 0, ref.attention_mask) for s, n in zip(sessions, rows)]
             )
-            merged.cache = new_cache(
-                first.model.lm.config,
-                [
+            merged.cache = DynamicCache(
+                ddp_cache_data=[
                     tuple(
                         torch.cat(
                             [
@@ -210,6 +209,7 @@ class Session:
                     )
                     for j in range(len(template))
                 ],
+                config=first.model.lm.config,
             )
         merged.latents, merged.media_kv = None, {}
         if with_images:
@@ -277,8 +277,9 @@ class Session:
         if drop == 0:
             return 0
         layers = _plain_cache_layers(self.cache)
-        self.cache = new_cache(
-            self.model.lm.config, [(layer.keys[:, :, drop:], layer.values[:, :, drop:]) for layer in layers]
+        self.cache = DynamicCache(
+            ddp_cache_data=[(layer.keys[:, :, drop:], layer.values[:, :, drop:]) for layer in layers],
+            config=self.model.lm.config,
         )
         self.ids = self.ids[:, drop:]
         self.attention_mask = self.attention_mask[:, drop:]
@@ -311,12 +312,12 @@ class Session:
             raise ValueError(f"row {row} holds {len(columns)} tokens, not {length}")
         columns = columns[:length]
         other = copy.copy(self)
-        other.cache = new_cache(
-            self.model.lm.config,
-            [
-                (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
+        other.cache = DynamicCache(
+            ddp_cache_data=[
+                (layer.keys[row : row + 1, :, columns].clone(), layer.values[row : row + 1, :, columns].clone())
                 for layer in _plain_cache_layers(self.cache)
             ],
+            config=self.model.lm.config,
         )
         other.ids = self.ids[row : row + 1, columns].clone()
         other.attention_mask = torch.ones_like(other.ids)
@@ -329,85 +330,21 @@ class Session:
 
 
 def _cache_prefix(cache, length: int, config) -> DynamicCache:
-    """A new cache holding a copy of the first ``length`` positions of ``cache``."""
-    return new_cache(
-        config, [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in _plain_cache_layers(cache)]
+    """A new cache holding a clone of the first ``length`` positions of ``cache``."""
+    return DynamicCache(
+        ddp_cache_data=[
+            (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
+            for layer in _plain_cache_layers(cache)
+        ],
+        config=config,
     )
-
-
-class GrowingLayer(DynamicLayer):
-    """A :class:`~transformers.cache_utils.DynamicLayer` that keeps room at the end: new
-    keys and values are written into a buffer longer than what it holds, and ``keys`` /
-    ``values`` are views of its first positions. A decode step then copies one position
-    per layer instead of the whole cache (``torch.cat``), a cost that grows with the cache
-    and the batch (docs/generation.md has the figures). When the room runs out, or ``keys``
-    was replaced by another tensor (a reorder, a repeat), the next update moves to a new
-    buffer with half as much again to spare. Under autograd it concatenates as its parent
-    does (writing in place would invalidate tensors a backward pass still needs)."""
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
-            self._room = None
-            return super().update(key_states, value_states, *args, **kwargs)
-        if not self.is_initialized:
-            self.lazy_initialization(key_states, value_states)
-        room = getattr(self, "_room", None)
-        length = self.keys.shape[-2] if self.keys.numel() else 0
-        end = length + key_states.shape[-2]
-        if room is None or not _holds(room[0], self.keys, key_states) or not _holds(room[1], self.values, value_states):
-            room = None
-        elif end > room[0].shape[-2]:
-            room = None
-        if room is None:
-            spare = max(end // 2, 64)
-            room = tuple(
-                new.new_empty((*new.shape[:-2], end + spare, new.shape[-1])) for new in (key_states, value_states)
-            )
-            if length:
-                room[0][..., :length, :].copy_(self.keys)
-                room[1][..., :length, :].copy_(self.values)
-            self._room = room
-        room[0][..., length:end, :].copy_(key_states)
-        room[1][..., length:end, :].copy_(value_states)
-        self.keys, self.values = room[0][..., :end, :], room[1][..., :end, :]
-        if length == 0:  # the new states are the whole cache: attention reads them as they are (contiguous)
-            return key_states, value_states
-        return self.keys, self.values
-
-
-def _holds(buffer: torch.Tensor, held: torch.Tensor, new: torch.Tensor) -> bool:
-    """Whether ``held`` is empty or the first positions of ``buffer``, and ``new`` fits beside it."""
-    if buffer.shape[:-2] != new.shape[:-2] or buffer.shape[-1] != new.shape[-1]:
-        return False
-    if buffer.dtype != new.dtype or buffer.device != new.device:
-        return False
-    if held.numel() == 0:
-        return True
-    return (
-        held.data_ptr() == buffer.data_ptr()
-        and held.stride() == buffer.stride()
-        and held.shape[:-2] == buffer.shape[:-2]
-    )
-
-
-def new_cache(config, layers: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
-    """The LM's ``DynamicCache`` with :class:`GrowingLayer` in place of each full-length
-    ``DynamicLayer`` (sliding-window and other layers stay as the config makes them),
-    holding a copy of ``layers`` (keys, values) per layer when given."""
-    cache = DynamicCache(config=config)
-    for i, layer in enumerate(cache.layers):
-        if type(layer) is DynamicLayer:
-            cache.layers[i] = GrowingLayer()
-    for layer, (keys, values) in zip(cache.layers, layers or ()):
-        layer.update(keys, values)
-    return cache
 
 
 def _plain_cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
     """The cache's layers when all hold every position (no sliding window, no quantisation):
     only those can be padded and cut along the sequence."""
     layers = list(cache.layers)
-    odd = {type(layer).__name__ for layer in layers if type(layer) not in (DynamicLayer, GrowingLayer)}
+    odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
     if odd:
         raise ValueError(f"rows of this LM's cache ({', '.join(sorted(odd))}) cannot be batched by padding")
     return layers
