@@ -2,6 +2,7 @@
 gets alone, rows join and leave a running batch, cancellation, queue limits, shutdown."""
 
 import copy
+import os
 import threading
 import time
 
@@ -361,15 +362,12 @@ def test_a_repetition_penalty_gives_its_tokens_alone_in_a_batch(trained_model):
 
 
 @pytest.mark.skipif(
-    not __import__("os").path.isdir("/proc/self/task")
-    or "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
+    not os.path.isdir("/proc/self/task") or "parallel backend: OpenMP" not in torch.__config__.parallel_info(),
     reason="counts threads through Linux's /proc with torch on OpenMP",
 )
 def test_a_thread_lets_its_openmp_workers_go():
     """A thread that ran parallel work holds OpenMP workers until it lets them go; the
     engine relies on this to keep one team of workers per process (see the function)."""
-    import os
-
     from vlm.engine import release_openmp_threads
 
     seen = {}

@@ -112,9 +112,10 @@ def _fp16_linear():
     ``torch.ops.quantized.linear_dynamic_fp16(x, packed)`` costs ~30 µs a call from Python
     on top of the kernel, most likely because torch.ops' entry looks for
     ``__torch_function__`` on every argument and the packed weights (a TorchScript object)
-    answer a missing attribute by raising a C++ exception (~15 µs a lookup). Calling the op's CPU kernel through its dispatcher handle skips
-    that (``benchmarks/kernels.py --formats fp16w fp16w-op`` times both); no autograd key is crossed, which
-    is why ``Fp16WeightLinear`` only takes this route when no gradient is wanted."""
+    answer a missing attribute by raising a C++ exception (~15 µs a lookup). Calling the
+    op's CPU kernel through its dispatcher handle skips that (``benchmarks/kernels.py
+    --formats fp16w fp16w-op`` times both); no autograd key is crossed, which is why
+    ``Fp16WeightLinear`` only takes this route when no gradient is wanted."""
     op = torch.ops.quantized.linear_dynamic_fp16.default
     handle = getattr(op, "_handle", None)
     if handle is None or not hasattr(handle, "redispatch_boxed"):  # another PyTorch: the public call
