@@ -398,3 +398,68 @@ def test_a_thread_lets_its_openmp_workers_go():
     assert seen["released"] is True
     assert seen["left"] == set()
     assert len(seen["new workers"]) == 1
+
+
+def test_conversations_continue_on_the_engine_as_they_would_alone(trained_model, monkeypatch):
+    """Chats on the engine (two at once, in two threads) answer every turn as a chat
+    without it does; each conversation's images are encoded once, and a later turn runs
+    only what its kept session does not hold."""
+    import vlm.engine
+    from vlm.chat import Chat
+
+    model, processor = trained_model("llama")  # ChatML
+    images = {"one": [shape_image("red")], "two": [shape_image("blue", "square"), shape_image("green")]}
+    greedy = GenerationConfig(max_new_tokens=6)
+    sampled = GenerationConfig(max_new_tokens=6, do_sample=True, temperature=1.3, seed=3)
+    turns = [("what colour?", greedy), ("and the shape?", sampled), ("is it big?", greedy), ("where?", greedy)]
+    turns.append(("which is larger?", GenerationConfig(max_new_tokens=5, num_beams=2)))  # beams: not on the engine
+
+    def converse(name, engine=None):
+        chat = Chat(model, processor, images[name], engine=engine)
+        answers = []
+        for k, (question, cfg) in enumerate(turns):
+            if k == 3:
+                chat.turns.clear()  # a question on its own (the demo's default): the image stays
+            streamed = k in (0, 2)  # beams (the last turn) answer whole
+            answers.append("".join(chat.ask_stream(question, cfg)).strip() if streamed else chat.ask(question, cfg))
+        return answers
+
+    alone = {name: converse(name) for name in images}
+    encoded, starts = [], []
+    encode, continued = type(model).encode_images, vlm.engine._continued
+    monkeypatch.setattr(type(model), "encode_images", lambda self, px: encoded.append(px.shape) or encode(self, px))
+
+    def counted(earlier, ids):
+        session, start = continued(earlier, ids)
+        starts.append((start, ids.shape[1]))
+        return session, start
+
+    monkeypatch.setattr(vlm.engine, "_continued", counted)
+    results = {}
+    with Engine(model, processor.tokenizer, EngineConfig(max_concurrent=4)) as engine:
+        threads = [threading.Thread(target=lambda n=n: results.__setitem__(n, converse(n, engine))) for n in images]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    assert results == alone
+    assert sorted(shape[1] for shape in encoded) == [1, 2]  # once per conversation, not per turn
+    # Turns 1 to 3 of both conversations were continued (turn 4's beams ran off the engine):
+    # each started from its kept session, and turn 2 from all of turn 1's prompt.
+    assert len(starts) == 2 * 3 and all(start > 0 for start, _ in starts)
+    prompts = {length for _, length in starts}
+    assert sum(start in prompts for start, _ in starts) >= 2
+
+
+def test_a_continued_session_must_match_the_prompt(trained_model):
+    model, processor = trained_model("llama")
+    batch = processor([processor.chat_segments([("what colour?", None)])], [[shape_image("red")]])
+    cfg = GenerationConfig(max_new_tokens=2)
+    with Engine(model, processor.tokenizer) as engine:
+        first = engine.submit(batch["input_ids"], batch["pixel_values"], cfg, keep_session=True)
+        assert first.wait(60) and first.session is not None and first.session.length == first.prompt_tokens
+        with pytest.raises(ValueError, match="already holds its images"):
+            engine.submit(batch["input_ids"], batch["pixel_values"], cfg, session=first.session)
+        text_only = processor([processor.chat_segments([("hello", None)], num_images=0)], [[]])["input_ids"]
+        with pytest.raises(ValueError, match="0 image markers but the session holds 1 images"):
+            engine.submit(text_only, None, cfg, session=first.session)

@@ -153,6 +153,9 @@ class Request:
         self._done = threading.Event()
         self._cancelled = threading.Event()
         self._engine: Engine | None = None
+        self._keep_session = False
+        self.session: Session | None = None
+        """With ``keep_session``: a one-row copy of the prompt as prefilled (set before the first token)."""
 
     @property
     def done(self) -> bool:
@@ -230,6 +233,20 @@ class _Batch:
     session: Session | None = None
 
 
+_Input = tuple[torch.Tensor, torch.Tensor | None, Session | None]
+"""A request's prompt ids (1, S), its images (1, T, C, H, W) or None, and the session it continues."""
+
+
+def _continued(earlier: Session, ids: torch.Tensor) -> tuple[Session, int]:
+    """A session for prompt ``ids`` (1, S) that starts as much of it as ``earlier`` (one row)
+    holds, and how many tokens that is; at least the last token is left to run."""
+    n = min(earlier.length, ids.shape[1] - 1)
+    start = int((earlier.ids[0, :n] == ids[0, :n].to(earlier.ids.device)).long().cumprod(0).sum())
+    if start:
+        return earlier.prefix_copy(start), start
+    return Session(earlier.model, None, latents=earlier.latents), 0
+
+
 def release_openmp_threads() -> bool:
     """Let the calling thread's idle OpenMP worker threads go (OpenMP 5's
     ``omp_pause_resource_all``, soft); this thread makes new ones when it next runs parallel
@@ -280,11 +297,12 @@ def _omp_pause_calls() -> tuple:
 class Engine:
     """Runs ``model`` for many requests at once in one background thread.
 
-    Use it as a context manager, or call :meth:`start` and :meth:`shutdown`. The model
-    must not be used by another thread while the engine runs (tensors are shared, and
-    torch's own threads are configured per process). :meth:`start` lets the calling
-    thread's OpenMP workers go (:func:`release_openmp_threads`), so the engine thread's
-    own stay quick to wake.
+    Use it as a context manager, or call :meth:`start` and :meth:`shutdown`. Other threads
+    may run the model meanwhile (inference only reads it), but they compete with the
+    engine for the CPU: send them through the engine instead where you can (a
+    :class:`vlm.chat.Chat` takes one). :meth:`start`, and the engine thread whenever it
+    goes idle, let that thread's OpenMP workers go (:func:`release_openmp_threads`), so
+    the workers of the thread running torch at the moment stay quick to wake.
     """
 
     def __init__(self, model: VLM, tokenizer, config: EngineConfig | None = None):
@@ -311,7 +329,7 @@ class Engine:
         self._batch = _Batch()
         self._admitting: collections.deque[Request] = collections.deque()
         self._prefixes: dict[bool, Session] = {}  # by "has images": the last shared prompt prefix
-        self._inputs: dict[str, tuple[torch.Tensor, torch.Tensor | None]] = {}
+        self._inputs: dict[str, _Input] = {}
         self._closing = False
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -350,6 +368,8 @@ class Engine:
         timeout_s: float | None = None,
         listener: Callable[[Output], None] | None = None,
         request_id: str | None = None,
+        session: Session | None = None,
+        keep_session: bool = False,
     ) -> Request:
         """Queue a request: ``input_ids`` (S,) or (1, S) as the processor makes them,
         ``images`` (T, C, H, W) or (1, T, C, H, W) for its ``<image>`` markers, or None.
@@ -358,7 +378,13 @@ class Engine:
         ``repetition_penalty``, ``max_new_tokens``, ``stop_token_ids``, ``stop_strings``; not
         beams or prompt lookup. ``listener`` is called on the engine thread with each
         :class:`Output` (keep it short; hand work to another thread). Raises
-        :class:`QueueFull`, :class:`EngineClosed` or ``ValueError``."""
+        :class:`QueueFull`, :class:`EngineClosed` or ``ValueError``.
+
+        A conversation's next turn: ``keep_session=True`` makes the engine keep a copy of
+        the request's prefilled prompt as :attr:`Request.session`; pass it as ``session``
+        with the next turn's whole prompt and ``images=None``. The images are then not
+        encoded again, and the part of the prompt the session already holds is copied,
+        not run (see :class:`vlm.chat.Chat`)."""
         cfg = GenerationConfig(**(config.__dict__ if config else {})).validate()
         if cfg.num_beams != 1 or cfg.prompt_lookup:
             raise ValueError(
@@ -375,10 +401,18 @@ class Engine:
             if images.shape[1] == 0:
                 images = None
         markers = int((ids == self.model.image_token_id).sum())
-        if markers != (0 if images is None else images.shape[1]):
-            raise ValueError(
-                f"the prompt has {markers} image markers but {0 if images is None else images.shape[1]} images"
-            )
+        if session is not None:
+            if images is not None:
+                raise ValueError("a continued session already holds its images; pass images=None")
+            if session.model is not self.model or session.cache is None or session.length == 0:
+                raise ValueError("session must be a Request.session of this engine's model")
+            count = 0 if session.latents is None else session.latents.shape[1]
+            what = "the session holds"
+        else:
+            count = 0 if images is None else images.shape[1]
+            what = "there are"
+        if markers != count:
+            raise ValueError(f"the prompt has {markers} image markers but {what} {count} images")
         if self.max_context is not None and ids.numel() >= self.max_context:
             raise ValueError(f"the prompt has {ids.numel()} tokens; the model's context is {self.max_context}")
         timeout_s = timeout_s if timeout_s is not None else self.config.timeout_s
@@ -397,7 +431,8 @@ class Engine:
                     retry,
                 )
             request._engine = self
-            self._inputs[request.id] = (ids[None], images)
+            request._keep_session = keep_session
+            self._inputs[request.id] = (ids[None], images, session)
             self._waiting.append(request)
             self._cond.notify_all()
         return request
@@ -491,6 +526,9 @@ class Engine:
                 self._running += len(admit)
                 if admit or self._running:
                     return admit
+                # Idle: let this thread's OpenMP workers go, so that other threads running torch
+                # meanwhile (a demo's other tabs, image decoding) do not wait on sleeping workers.
+                release_openmp_threads()
                 self._cond.wait()
 
     def _drop_cancelled_waiting(self) -> None:
@@ -540,7 +578,7 @@ class Engine:
         rows, inputs = [], []
         for request in requests:
             with self._cond:
-                input_ids, images = self._inputs.pop(request.id)
+                input_ids, images, session = self._inputs.pop(request.id)
             cfg = request.config
             row = _Row(request, self._stops(cfg), self._generator(cfg), self._limit(request))
             if request._cancelled.is_set():
@@ -548,13 +586,17 @@ class Engine:
                 continue
             row.prompt = input_ids.to(self.device)
             rows.append(row)
-            inputs.append((row.prompt, images))
+            inputs.append((row.prompt, images, session))
         if rows:
             self._join(rows, inputs)
 
-    def _join(self, rows: list[_Row], inputs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> None:
+    def _join(self, rows: list[_Row], inputs: list[_Input]) -> None:
         try:
             session, logits = self._prefill(inputs)  # (B, V)
+            for k, row in enumerate(rows):
+                if row.request._keep_session:
+                    row.request.session = kept = session.prefix_copy(row.request.prompt_tokens, row=k)
+                    kept.trim_padding()  # image slots that other rows of the prefill needed
             tokens = [
                 int(
                     _pick(
@@ -592,15 +634,20 @@ class Engine:
         batch.rows.extend(rows)
         batch.session = merged
 
-    def _prefill(self, inputs: list[tuple[torch.Tensor, torch.Tensor | None]]) -> tuple[Session, torch.Tensor]:
+    def _prefill(self, inputs: list[_Input]) -> tuple[Session, torch.Tensor]:
         """One session for the requests' prompts ``ids`` (1, S) and images, run as one batch
         (left-padded); returns it and the next-token logits (B, V). The part of a prompt
         before its first image that an earlier request of its kind shared (a system prompt)
-        is copied, not run again."""
-        latents = self._encode([images for _, images in inputs])
+        is copied, not run again; so is what a continued session already holds."""
+        latents = self._encode([images for _, images, _ in inputs])
         sessions, rest, saves = [], [], []
         min_tokens = self.config.prefix_min_tokens
-        for k, ((ids, _), lat) in enumerate(zip(inputs, latents)):
+        for k, ((ids, _, earlier), lat) in enumerate(zip(inputs, latents)):
+            if earlier is not None:
+                session, start = _continued(earlier, ids)
+                sessions.append(session)
+                rest.append(ids[0, start:])
+                continue
             session = Session(self.model, None, latents=lat)
             kind = lat is not None
             # Tokens whose hidden states do not depend on the images: those before the first one.
