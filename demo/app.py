@@ -44,6 +44,7 @@ from timing import Timing, timed_stream
 from vlm import load_model
 from vlm.apps import LM_WEIGHTS
 from vlm.chat import Chat
+from vlm.engine import Engine, EngineConfig
 from vlm.factory import DEFAULT_CHECKPOINT, task_checkpoint
 from vlm.feedback import FeedbackLog, Record
 from vlm.html import document, repair_html
@@ -119,6 +120,14 @@ def get_model(folder: str):
     return load_model(
         folder or None, verbose=False, device=options.device, dtype=options.dtype, lm_weights=options.lm_weights
     )
+
+
+@st.cache_resource(max_entries=MAX_LOADED_MODELS, show_spinner=False, on_release=Engine.shutdown)
+def get_engine(model_id: int, _model: VLM, _tokenizer) -> Engine:
+    # One engine per loaded model (keyed by the model object: a reloaded model gets its own):
+    # every visitor's Ask tab decodes in its batched steps, on one thread, instead of one
+    # thread per visitor competing for the CPU. Released with the model's cache entry.
+    return Engine(_model, _tokenizer, EngineConfig(max_concurrent=8)).start()
 
 
 @st.cache_resource(max_entries=2, show_spinner="Loading the task's adapter…")
@@ -317,8 +326,9 @@ def generate_streamed(chat: Chat, question: str, cfg: GenerationConfig, show) ->
     """Ask ``chat`` the next question, streaming the text so far to ``show`` (beam search
     answers whole); the answer and its timing.
 
-    The token count is exact when streaming: the session holds the prompt and every answer
-    token but the last one when the answer ran to its length limit."""
+    The token count is exact when streaming: the engine counts a request's tokens, and
+    without it the session holds the prompt and every answer token but the last one when
+    the answer ran to its length limit."""
     if cfg.num_beams > 1:
 
         def whole():  # timed from the request: the answer arrives in one piece
@@ -329,6 +339,8 @@ def generate_streamed(chat: Chat, question: str, cfg: GenerationConfig, show) ->
         return text.strip(), Timing(total, total, tokens)  # beams give the whole answer at once
     prompt = prompt_tokens(chat, chat.turns, question)
     text, first, total = timed_stream(chat.ask_stream(question, cfg), show)
+    if chat.on_engine(cfg):
+        return text.strip(), Timing(first, total, chat.answer_tokens)
     fed = chat.session.ids[0, prompt:].tolist()
     unfed = len(text) > len(chat.processor.tokenizer.decode(fed, skip_special_tokens=True))
     return text.strip(), Timing(first, total, len(fed) + unfed)
@@ -430,9 +442,10 @@ def ask_tab(model, processor, model_name: str) -> None:
         return
     identity, image, example = picked
     # One Chat per image, model and browser session: the image is encoded once per conversation.
+    engine = get_engine(id(model), model, processor.tokenizer)
     if st.session_state.get("chat_id") != identity or st.session_state.chat.model is not model:
         st.session_state.chat_id = identity
-        st.session_state.chat = Chat(model, processor, [image])
+        st.session_state.chat = Chat(model, processor, [image], engine=engine)
         st.session_state.ask_log = []
     chat: Chat = st.session_state.chat
     left, right = st.columns([1, 2])
@@ -448,7 +461,7 @@ def ask_tab(model, processor, model_name: str) -> None:
                 if st.button(q, key=f"ask-suggest-{i}"):
                     suggested = q
         if st.button("New conversation"):
-            st.session_state.chat = chat = Chat(model, processor, [image])
+            st.session_state.chat = chat = Chat(model, processor, [image], engine=engine)
             st.session_state.ask_log = []
         remember = st.checkbox(
             "Follow-up questions see the earlier turns",

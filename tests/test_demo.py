@@ -72,7 +72,12 @@ def ask(at: AppTest, question: str) -> AppTest:
 
 
 @pytest.mark.parametrize("remember", [False, True])
-def test_ask_tab_answers_and_keeps_the_conversation(app, remember):
+def test_ask_tab_answers_and_keeps_the_conversation(app, remember, monkeypatch):
+    from vlm.model import VLM
+
+    encoded = []
+    encode = VLM.encode_images
+    monkeypatch.setattr(VLM, "encode_images", lambda self, px: encoded.append(px.shape) or encode(self, px))
     assert [t.label for t in app.tabs] == ["Ask", "Caption", "Sketch → HTML"]
     if remember:
         app.checkbox(key="ask-remember").check().run()
@@ -80,12 +85,12 @@ def test_ask_tab_answers_and_keeps_the_conversation(app, remember):
     assert len(app.chat_message) == 2
     assert app.chat_message[0].markdown[0].value == "what colour is the shape?"
     chat = app.session_state["chat"]
+    assert chat.engine is not None and chat.engine.running  # answers decode on the shared engine
     assert len(chat.turns) == 1 and chat.turns[0][1] == chat.turns[0][1].strip()
-    latents = chat.session.latents
     ask(app, "and its shape?")
     assert len(app.chat_message) == 4  # every turn stays on the page
     chat = app.session_state["chat"]
-    assert chat.session.latents is latents  # the image is encoded once per conversation
+    assert len(encoded) == 1  # the image is encoded once per conversation
     # What the model saw: the earlier turn only when asked to (the bundled model was
     # trained on single questions).
     assert [q for q, _ in chat.turns] == (["what colour is the shape?"] if remember else []) + ["and its shape?"]
