@@ -407,12 +407,12 @@ class Engine:
             if session.model is not self.model or session.cache is None or session.length == 0:
                 raise ValueError("session must be a Request.session of this engine's model")
             count = 0 if session.latents is None else session.latents.shape[1]
-            what = "the session holds"
+            what = "the session holds "
         else:
             count = 0 if images is None else images.shape[1]
-            what = "there are"
+            what = ""
         if markers != count:
-            raise ValueError(f"the prompt has {markers} image markers but {what} {count} images")
+            raise ValueError(f"the prompt has {markers} image markers but {what}{count} images")
         if self.max_context is not None and ids.numel() >= self.max_context:
             raise ValueError(f"the prompt has {ids.numel()} tokens; the model's context is {self.max_context}")
         timeout_s = timeout_s if timeout_s is not None else self.config.timeout_s
