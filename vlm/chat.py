@@ -12,18 +12,15 @@ a copy of each turn's prompt for the next one to start from.
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 
+from .engine import Engine, release_openmp_threads
 from .generate import GenerationConfig, Session, _resolve, generate, stream
 from .model import VLM
 from .processor import Processor
 from .tasks import VQA
-
-if TYPE_CHECKING:
-    from .engine import Engine
 
 
 class Chat:
@@ -99,8 +96,6 @@ class Chat:
     def _ask_engine(
         self, question: str, input_ids: torch.Tensor, images: torch.Tensor | None, config: GenerationConfig
     ) -> Iterator[str]:
-        from .engine import release_openmp_threads
-
         # The prompt's image ran through torch ops on this thread: let its OpenMP workers go,
         # or the engine thread's own would wait on sleeping ones (see the function).
         release_openmp_threads()
