@@ -18,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import tempfile
 import threading
 import time
 
 import torch
+from generate import build  # benchmarks/generate.py: benchmarks/ is on the path of its scripts
 from PIL import Image, ImageDraw
 
 QUESTIONS = ["What shape is in the picture?", "What colour is it?", "Is it big?", "Where is it?"]
@@ -36,14 +36,10 @@ def picture(colour: str) -> Image.Image:
 
 
 def load(tiny: bool):
+    """The bundled model as the apps load it, or generate.py's tiny random one."""
     import vlm
 
-    if not tiny:
-        return vlm.load_model(verbose=False, lm_weights="auto")
-    from vlm.tiny import make_tiny_lm, tiny_config
-
-    folder = make_tiny_lm(tempfile.mkdtemp(), "llama", chat=True)
-    return vlm.create_model_and_transforms(tiny_config(folder), verbose=False)
+    return build(True) if tiny else vlm.load_model(verbose=False, lm_weights="auto")
 
 
 def converse(model, processor, engine, colour: str, questions: int, tokens: int) -> list[float]:
