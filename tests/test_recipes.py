@@ -187,7 +187,7 @@ def test_recipe_errors_name_the_choices(tmp_path):
         resolve("default:stage9", [])
     with pytest.raises(ValueError, match="tiny is not a recipe"):
         resolve("tiny:model", [])
-    with pytest.raises(ValueError, match=r"presets: default:gpu, .*default:stage7, tiny"):
+    with pytest.raises(ValueError, match=r"presets: default:gpu, .*default:stage7, sketch, tiny"):
         resolve("default-stage7", [])
     bad = {"stages": [{"name": "a", "steps": 3}, {"name": "b", "extends": "tiny"}]}
     (tmp_path / "r.json").write_text(json.dumps(bad))
