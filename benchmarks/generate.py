@@ -10,6 +10,7 @@
 ``--paths`` times the faster frozen-LM paths of :func:`vlm.quantize.fast_lm` (``fp16w``: the
 LM's linear layers and head with fp16 weights and float32 arithmetic, fbgemm's kernel on x86;
 ``fp16w-xattn``: also the cross-attention blocks' per-token layers, what the apps run on such CPUs;
+``fp16w-xattn-bf16enc``: also the vision tower and the resampler in bf16 (:func:`vlm.quantize.fast_encoder`);
 ``bf16``: the decoder layers' weights in bf16, the LM head in float32; ``int8``: weight-only int8 linear
 layers with per-channel scales, bf16 compute; ``int8-head-fp32``: the same with a float32
 head), each alone, in the same run as the fp32 baseline (``cached``). ``--gates`` then
@@ -80,14 +81,24 @@ QUALITY_PROMPTS = [
 ]
 
 
-FAST_PATHS = {  # name: (LM weights, head, adapter) for vlm.quantize.fast_lm
-    "fp16w": ("float16", "float16", False),
-    "fp16w-xattn": ("float16", "float16", True),  # + the cross-attention blocks (the apps' default)
-    "bf16": ("bfloat16", "float32", False),
-    "bf16-head-bf16": ("bfloat16", "bfloat16", False),
-    "int8": ("int8", "int8", False),
-    "int8-head-fp32": ("int8", "float32", False),
+FAST_PATHS = {  # name: (LM weights, head, adapter) for vlm.quantize.fast_lm, and the image side's dtype
+    "fp16w": ("float16", "float16", False, None),
+    "fp16w-xattn": ("float16", "float16", True, None),  # + the cross-attention blocks (the apps' default)
+    "fp16w-xattn-bf16enc": ("float16", "float16", True, torch.bfloat16),  # + vision tower and resampler in bf16
+    "bf16": ("bfloat16", "float32", False, None),
+    "bf16-head-bf16": ("bfloat16", "bfloat16", False, None),
+    "int8": ("int8", "int8", False, None),
+    "int8-head-fp32": ("int8", "float32", False, None),
 }
+
+
+def fast_path(model, name: str):
+    """A copy of ``model`` on the faster path ``name`` (:data:`FAST_PATHS`)."""
+    from vlm.quantize import fast_encoder, fast_lm
+
+    weights, head, adapter, encoder = FAST_PATHS[name]
+    out = fast_lm(model, weights, head, adapter=adapter)
+    return out if encoder is None else fast_encoder(out, encoder, copy=False)
 
 
 def build(tiny: bool):
@@ -312,9 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model, processor = build(args.tiny)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.new_tokens} new tokens", flush=True)
-    from vlm.quantize import fast_lm
-
-    fast = {name: fast_lm(model, *FAST_PATHS[name][:2], adapter=FAST_PATHS[name][2]) for name in args.paths}
+    fast = {name: fast_path(model, name) for name in args.paths}
     rows = []
     if not args.no_speed:
         rows = speed_table(model, processor, args.batch_sizes, args.new_tokens, args.repeats, modes=args.modes)

@@ -40,22 +40,17 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import open_clip  # noqa: E402
 import torch  # noqa: E402
+from generate import FAST_PATHS, fast_path  # noqa: E402  (benchmarks/generate.py)
 from open_flamingo.src.flamingo_lm import FlamingoLMMixin  # noqa: E402
 from openflamingo import convert_pair  # noqa: E402  (benchmarks/openflamingo.py, beside this file)
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM  # noqa: E402
 
 from vlm.generate import generate  # noqa: E402
-from vlm.quantize import Fp16WeightLinear, fast_lm  # noqa: E402
+from vlm.quantize import Fp16WeightLinear  # noqa: E402
 
 VIT = "vlm-bench-ViT-B-32"
 PROMPT = "<image>Question: What is in this picture? Answer:"
-PATHS = {  # name: (LM weights, head, adapter) for vlm.quantize.fast_lm
-    "fp32": ("float32", "float32", False),
-    "fp16w": ("float16", "float16", False),
-    "fp16w-xattn": ("float16", "float16", True),  # + the cross-attention blocks (the apps' default)
-    "bf16": ("bfloat16", "float32", False),
-    "int8": ("int8", "int8", False),
-}
+PATHS = ["fp32", *FAST_PATHS]  # fp32 and benchmarks/generate.py's faster paths
 
 
 # ---------------------------------------------------------------------- building
@@ -169,9 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     register_vit(root)
     lm_dir = make_lm(root, args.lm)
     ref, tokenizer, base = convert_pair(root, VIT, lm_dir, args.every, noise=0.02)
-    ours = {
-        path: fast_lm(base, *PATHS[path][:2], adapter=PATHS[path][2]) if path != "fp32" else base for path in args.paths
-    }
+    ours = {path: fast_path(base, path) if path != "fp32" else base for path in args.paths}
     bare = None if args.no_bare else AutoModelForCausalLM.from_pretrained(lm_dir, dtype=torch.float32).eval()
     n = args.new_tokens
     prompt_ids = tokenizer([PROMPT], return_tensors="pt")["input_ids"]  # (1, S)

@@ -16,7 +16,14 @@ from conftest import shape_image
 from torch import nn
 
 from vlm.generate import GenerationConfig, generate
-from vlm.quantize import CastingLinear, Fp16WeightLinear, Int8WeightLinear, fast_lm, fp16_weights_supported
+from vlm.quantize import (
+    CastingLinear,
+    Fp16WeightLinear,
+    Int8WeightLinear,
+    fast_encoder,
+    fast_lm,
+    fp16_weights_supported,
+)
 
 NO_STOP = GenerationConfig(max_new_tokens=12, stop_token_ids=())
 PROMPT = "the cat <image>sits on <image>the"
@@ -129,6 +136,27 @@ def test_fast_paths_keep_the_adapter_and_agree_with_fp32(trained_model, weights)
     assert got.dtype == torch.float32
     assert float((got - ref).norm() / ref.norm()) < {"bfloat16": 0.05, "int8": 0.1}[weights]
     assert _tokens(fast, batch)[:6] == _tokens(model, batch)[:6]
+
+
+def test_bf16_encoder_changes_only_the_image_side(trained_model):
+    model, processor = trained_model("llama")
+    batch = _batch(processor)
+    fast = fast_encoder(model)
+    assert next(model.vision.parameters()).dtype == torch.float32  # a copy by default
+    for name, p in fast.named_parameters():
+        bf16 = name.startswith(("vision.", "resampler."))
+        assert (p.dtype == torch.bfloat16) == bf16, name
+    with torch.inference_mode():
+        ref, got = model.encode_images(batch["pixel_values"]), fast.encode_images(batch["pixel_values"])
+    assert got.dtype == torch.bfloat16 and got.shape == ref.shape
+    # Text before the first image does not see it: those logits are the fp32 model's exactly.
+    before = int((batch["input_ids"][0] == model.image_token_id).nonzero()[0, 0])
+    ref_logits, logits = _logits(model, batch), _logits(fast, batch)
+    assert torch.equal(logits[:, :before], ref_logits[:, :before])
+    # After it, a stated agreement: the latents carry bf16's rounding.
+    assert float((logits - ref_logits).norm() / ref_logits.norm()) < 0.05
+    assert _tokens(fast, batch)[:6] == _tokens(model, batch)[:6]
+    assert fast_encoder(fast, copy=False) is fast
 
 
 def test_in_place_on_a_tied_lm_keeps_the_head_in_float32(make_model):

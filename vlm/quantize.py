@@ -322,3 +322,19 @@ class CastingLinear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
+
+
+def fast_encoder(model: VLM, dtype: torch.dtype = torch.bfloat16, *, copy: bool = True) -> VLM:
+    """``model`` with its image side (the frozen vision tower and the resampler) in ``dtype``,
+    for inference: encoding an image is matrix products over many rows, bound by arithmetic,
+    which a CPU with bf16 kernels (:func:`vlm.factory.fast_matmul`) does faster than float32. The
+    latents come out in ``dtype``; the cross-attention blocks cast them to their own dtype
+    when they compute keys and values. The outputs change by bf16's rounding (quality gates:
+    ``benchmarks/generate.py --gates``); the resampler's weights no longer train.
+    ``copy=False`` changes ``model`` itself and returns it."""
+    import copy as _copy
+
+    out = _copy.deepcopy(model) if copy else model
+    out.vision.to(dtype)
+    out.resampler.to(dtype)
+    return out
