@@ -3,6 +3,7 @@
     python benchmarks/serve.py                          # the bundled model, 8 clients
     python benchmarks/serve.py --clients 4 --max_tokens 16 --requests_per_client 1
     python benchmarks/serve.py --tiny                   # tiny random model: checks the script in seconds
+    python benchmarks/serve.py --max_tokens 128 --reps 3   # three rounds of the modes: medians, paired ratios
 
 The same requests (a question about a drawn image, as a data: URI, each asking for its
 own number of tokens between half of ``--max_tokens`` and all of it) are served three
@@ -17,7 +18,9 @@ ways by real ``vlm serve`` processes on localhost, each on a freshly started ser
 Each client sends ``--requests_per_client`` requests in turn and stops early after
 ``--duration`` seconds. With ``--text_share F`` that fraction of the requests, spread
 over the clients, asks a question without an image. Tokens are decoded whatever the model says (``ignore_eos``), so
-every mode decodes the same number of tokens. Reported: total completion tokens per
+every mode decodes the same number of tokens. ``--reps N`` runs the three modes N times, in
+an order that rotates, and reports medians and the median of each repetition's ratio (on
+a machine whose speed drifts, one round can be off by a tenth either way). Reported: total completion tokens per
 second of wall time, time to first token (first streamed text) and request latency,
 p50 and p95, each mode's tokens/s over one-at-a-time's, and the server process's CPU time
 with tokens per CPU second. Run it on an idle machine: other load on the CPU changes
@@ -202,9 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, help="the server's torch threads")
     parser.add_argument("--lm_weights", help="the server's --lm_weights, in every mode (default: the server's, auto)")
     parser.add_argument("--text_share", type=float, default=0.0, help="fraction of requests without an image")
+    parser.add_argument("--reps", type=int, default=1, help="repetitions of the three modes, in rotating order")
     args = parser.parse_args(argv)
-    if min(args.clients, args.requests_per_client, args.max_tokens) < 1:
-        parser.error("--clients, --requests_per_client and --max_tokens must be >= 1")
+    if min(args.clients, args.requests_per_client, args.max_tokens, args.reps) < 1:
+        parser.error("--clients, --requests_per_client, --max_tokens and --reps must be >= 1")
     if not 0 <= args.text_share <= 1:
         parser.error(f"--text_share must be in [0, 1], got {args.text_share}")
     model = args.model
@@ -219,43 +223,69 @@ def main(argv: list[str] | None = None) -> int:
         f"{os.cpu_count()} CPUs, load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()),
         flush=True,
     )
-    rows = []
-    for label, batching, concurrent in [
+    modes = [
         ("one at a time", "continuous", False),
         ("static batch", "static", True),
         ("continuous", "continuous", True),
-    ]:
-        server = Server(model, batching, args.clients, args.threads, args.lm_weights)
-        try:
-            one_request(server.client, image, QUESTIONS[0], 2)  # warm-up
-            cpu = server.cpu_seconds()
-            results, wall = run(server, plan, concurrent, args.duration, image)
-            cpu = None if cpu is None else server.cpu_seconds() - cpu
-        finally:
-            server.close()
-        tokens = sum(r.tokens for r in results)
-        ttft = [r.ttft for r in results]
-        latency = [r.latency for r in results]
-        rows.append((label, len(results), tokens, wall, tokens / wall, ttft, latency, cpu))
-        print(f"  {label}: {len(results)} requests, {tokens} tokens in {wall:.1f} s", flush=True)
-    base = rows[0][4]
-    base_cpu = rows[0][2] / rows[0][7] if rows[0][7] else None
+    ]
+    runs: dict[str, list[tuple[list[Result], float, float | None]]] = {label: [] for label, *_ in modes}
+    for rep in range(args.reps):
+        # The order rotates between repetitions, so a drift in the machine's speed hits every mode alike.
+        for label, batching, concurrent in modes[rep % 3 :] + modes[: rep % 3]:
+            server = Server(model, batching, args.clients, args.threads, args.lm_weights)
+            try:
+                one_request(server.client, image, QUESTIONS[0], 2)  # warm-up
+                cpu = server.cpu_seconds()
+                results, wall = run(server, plan, concurrent, args.duration, image)
+                cpu = None if cpu is None else server.cpu_seconds() - cpu
+            finally:
+                server.close()
+            runs[label].append((results, wall, cpu))
+            tokens = sum(r.tokens for r in results)
+            print(f"  {label}: {len(results)} requests, {tokens} tokens in {wall:.1f} s", flush=True)
     header = f"{'mode':<14} {'requests':>8} {'tokens':>7} {'wall s':>7} {'tokens/s':>9} {'x one':>6}"
     header += (
         f" {'TTFT p50':>9} {'TTFT p95':>9} {'lat p50':>8} {'lat p95':>8} {'CPU s':>7} {'tok/CPU s':>9} {'x one':>6}"
     )
     print("\n" + header)
-    for label, n, tokens, wall, rate, ttft, latency, cpu in rows:
-        per_cpu = tokens / cpu if cpu else None
-        print(
-            f"{label:<14} {n:>8} {tokens:>7} {wall:>7.1f} {rate:>9.2f} {rate / base:>6.2f}"
+
+    def rates(label: str) -> list[float]:
+        return [sum(r.tokens for r in results) / wall for results, wall, _ in runs[label]]
+
+    def per_cpu(label: str) -> list[float] | None:
+        done = [(sum(r.tokens for r in results), cpu) for results, _, cpu in runs[label]]
+        return [tokens / cpu for tokens, cpu in done] if all(cpu for _, cpu in done) else None
+
+    base, base_cpu = rates("one at a time"), per_cpu("one at a time")
+    for label, *_ in modes:
+        done = runs[label]
+        ttft = [r.ttft for results, _, _ in done for r in results]
+        latency = [r.latency for results, _, _ in done for r in results]
+        rate = rates(label)
+        ratio = statistics.median(a / b for a, b in zip(rate, base))  # paired: the same repetition
+        n = statistics.median(len(results) for results, _, _ in done)
+        tokens = statistics.median(sum(r.tokens for r in results) for results, _, _ in done)
+        line = (
+            f"{label:<14} {n:>8.0f} {tokens:>7.0f} {statistics.median(w for _, w, _ in done):>7.1f}"
+            f" {statistics.median(rate):>9.2f} {ratio:>6.2f}"
             f" {percentile(ttft, 50):>9.2f} {percentile(ttft, 95):>9.2f}"
             f" {percentile(latency, 50):>8.2f} {percentile(latency, 95):>8.2f}"
-            + (f" {cpu:>7.1f} {per_cpu:>9.2f} {per_cpu / base_cpu:>6.2f}" if per_cpu and base_cpu else "")
         )
+        cpu_rate = per_cpu(label)
+        if cpu_rate and base_cpu:
+            cpu_s = statistics.median(cpu for _, _, cpu in done)
+            cpu_ratio = statistics.median(a / b for a, b in zip(cpu_rate, base_cpu))
+            line += f" {cpu_s:>7.1f} {statistics.median(cpu_rate):>9.2f} {cpu_ratio:>6.2f}"
+        print(line)
+    if args.reps > 1:
+        for label, *_ in modes[1:]:
+            each = ", ".join(f"{a / b:.2f}" for a, b in zip(rates(label), base))
+            print(f"{label}: x one in each repetition: {each}")
     print(
-        "(seconds; x one: tokens/s over one at a time; CPU s: the server process's CPU time, which other\n"
-        "load on the machine changes less than wall time, so tok/CPU s compares runs made under different load)"
+        "(seconds; medians over the repetitions; x one: tokens/s over one at a time in the same repetition,\n"
+        "median of those ratios; TTFT and latency percentiles over every repetition's requests; CPU s: the\n"
+        "server process's CPU time, which other load on the machine changes less than wall time, so tok/CPU s\n"
+        "compares runs made under different load)"
     )
     return 0
 
