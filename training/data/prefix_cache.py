@@ -156,6 +156,7 @@ def build_shard(
             bar.update(len(pending))
         pending.clear()
 
+    encoded = []
     for raw in _samples(shard):
         try:
             ids = encode_for_cache(processor, raw, kind, max_tokens)
@@ -163,10 +164,12 @@ def build_shard(
             raise
         except Exception:  # noqa: BLE001 (the loader skips this sample too, and counts it)
             continue
-        pending.append((raw["__key__"], ids))
-        if len(pending) == batch_size:
-            flush()
-    flush()
+        encoded.append((raw["__key__"], ids))
+    # Batches of near-equal lengths: a batch in shard order pads every sample to its longest.
+    encoded.sort(key=lambda item: len(item[1]))
+    for start in range(0, len(encoded), batch_size):
+        pending.extend(encoded[start : start + batch_size])
+        flush()
     meta = {
         "version": FORMAT_VERSION,
         "shard_hash": file_hash(shard),
