@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Train the sketch adapter (vlm/weights/sketch) with the `sketch` preset
-# (training/presets/sketch.json): build its shards where missing, train (or resume),
-# export the newest checkpoint as bf16 into vlm/weights/sketch and evaluate it.
+# Train the sketch adapter with the `sketch` preset (training/presets/sketch.json): build
+# its shards where missing, train (or resume), export the newest checkpoint as bf16 into
+# the run's export/ folder and evaluate it on the first 200 test sketches (the bundled
+# sketch adapter, vlm/weights/sketch, is such an export).
 # The run is long on a CPU: stop it at any point (--stop_at N, or kill it) and run the
 # same command again; it resumes from its last checkpoint (every 25 steps).
 #   bash scripts/train_sketch.sh [--stop_at N] [other vlm train arguments]
