@@ -185,7 +185,10 @@ def greedy_texts(model, processor, task, items, batch_size: int) -> list[str]:
 
 
 def quality_gates(model, processor, fast: dict, vqa_count: int, sketch_count: int, batch_size: int) -> list[str]:
-    """Each faster path against fp32 on the bundled model; returns the lines printed."""
+    """Each faster path against fp32 on the bundled model; returns the lines printed. The
+    sketch gate runs on the model the sketch tools load (``vlm.load_model(task="sketch")``:
+    the bundled sketch adapter where there is one) on each path of ``fast``."""
+    from vlm.factory import task_checkpoint
     from vlm.tasks import SKETCH, VQA
     from vlm_train.eval.cli import load_items, score
     from vlm_train.eval.html_metrics import parse_tree
@@ -224,6 +227,10 @@ def quality_gates(model, processor, fast: dict, vqa_count: int, sketch_count: in
                 f"{same}/{vqa_count} answers identical; {time.perf_counter() - start:.0f} s)"
             )
     if sketch_count:
+        if task_checkpoint("sketch") is not None:
+            model, processor = vlm.load_model(task="sketch", verbose=False)
+            fast = {name: fast_path(model, name) for name in fast}
+        say(f"sketch gates on {task_checkpoint('sketch') or 'the bundled default model'}")
         sketches = load_items("data/shards/sketch-test", SKETCH, sketch_count)
         start = time.perf_counter()
         reference = greedy_texts(model, processor, SKETCH, sketches, 1)
@@ -315,7 +322,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.sketch_lookup:
-        model, processor = vlm.load_model(verbose=False)  # the bundled model: it was trained on sketches
+        model, processor = vlm.load_model(task="sketch", verbose=False)  # what the sketch tools load
         sketch_lookup(model, processor, args.sketch_lookup, args.drafts)
         return 0
     if args.gates:
