@@ -2,6 +2,7 @@
 
     python experiments/sketch_arms.py init ~/.cache/vlm/ablation      # one checkpoint folder per arm
     python experiments/sketch_arms.py markup RUN_EXPORT --limit 100    # teacher-forced markup accuracy
+    python experiments/sketch_arms.py markup RUN_EXPORT --other-sketch # the same, each page shown another page's sketch
 
 Every arm trains from scratch with the same data order and step count
 (``experiments/sketch_ablation.sh``); they differ only in the architecture below.
@@ -44,9 +45,11 @@ def init(root: Path, names: list[str]) -> None:
 
 
 @torch.no_grad()
-def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8) -> dict:
+def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8, other_sketch: bool = False) -> dict:
     """Teacher-forced next-token accuracy on the target tokens of test sketches, split into
-    markup (inside ``<...>``) and text tokens."""
+    markup (inside ``<...>``) and text tokens. ``other_sketch``: each page is shown the sketch
+    of the next page in its batch instead of its own, so the difference from the plain
+    figures is what the model reads off the sketch (none: it writes a generic page)."""
     from vlm_train.data.decode import decode_sample, example_segments
     from vlm_train.data.shards import expand_shards, iter_tar
 
@@ -66,6 +69,8 @@ def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8
         chunk = examples[i : i + batch_size]
         encoded = [processor.encode(example_segments(processor, ex)) for ex in chunk]
         pixels = [processor.transform_images(ex.images) for ex in chunk]
+        if other_sketch:
+            pixels = pixels[1:] + pixels[:1]
         batch = processor.collate(encoded, pixels)
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         pred = out.logits[:, :-1].argmax(-1)
@@ -115,11 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model")
     p.add_argument("--shards", default="data/shards/sketch-test")
     p.add_argument("--limit", type=int, default=100)
+    p.add_argument("--other-sketch", action="store_true", help="show each page the next page's sketch")
     args = parser.parse_args(argv)
     if args.cmd == "init":
         init(args.root.expanduser(), args.arms)
     else:
-        print(json.dumps(markup_accuracy(args.model, args.shards, args.limit), indent=2))
+        print(
+            json.dumps(markup_accuracy(args.model, args.shards, args.limit, other_sketch=args.other_sketch), indent=2)
+        )
     return 0
 
 
