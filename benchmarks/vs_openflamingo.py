@@ -14,8 +14,9 @@ vision width (OpenFlamingo's); gated cross-attention before every 4th layer
 greedy tokens of both are checked to agree before anything is timed.
 
 Timed per repetition, each system in turn (the order rotates between repetitions):
-time to first token (image encoding + prompt, one new token) and the time for
-``--new_tokens``; decode tokens/s is ``B * (N - 1) / (t_N - t_1)``. Ratios are medians of
+time to first token (image encoding + prompt, one new token), the image encoding alone
+(tower and perceiver: ``encode_images``, OpenFlamingo's ``_encode_vision_x``) and the time
+for ``--new_tokens``; decode tokens/s is ``B * (N - 1) / (t_N - t_1)``. Ratios are medians of
 the per-repetition ratios against OpenFlamingo. "others' CPU" is the share of the
 machine's CPU time that other processes used during a system's runs (``/proc/stat`` minus
 this process's own times): a loaded machine slows every column. The bare-LM floor is the
@@ -185,6 +186,14 @@ def main(argv: list[str] | None = None) -> int:
             model = ours[system.removeprefix("vlm ")]
             return torch.tensor(generate(model, images, ids, max_new_tokens=tokens, stop_token_ids=()).tokens)
 
+    def encode(system: str, bs: int) -> None:
+        """The image side of the time to first token: tower and perceiver."""
+        with torch.inference_mode():
+            if system == "OpenFlamingo":
+                ref._encode_vision_x(all_images[:bs, :, None])
+            elif system != "bare LM":
+                ours[system.removeprefix("vlm ")].encode_images(all_images[:bs])
+
     systems = ["OpenFlamingo", *[f"vlm {p}" for p in args.paths], *([] if bare is None else ["bare LM"])]
     print(
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} CPUs; LM {args.lm} "
@@ -223,6 +232,9 @@ def main(argv: list[str] | None = None) -> int:
                         start = time.perf_counter()
                         run(s, bs, tokens)
                         times.setdefault((s, bs, tokens), []).append(time.perf_counter() - start)
+                    start = time.perf_counter()
+                    encode(s, bs)
+                    times.setdefault((s, bs, 0), []).append(time.perf_counter() - start)
                 others[s].append(share.others)
         print(f"repetition {rep + 1}/{args.reps} done", flush=True)
 
@@ -255,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| decode tokens/s, batch {bs} | " + " | ".join(cells) + " |")
         cells = [f"{statistics.median(times[(s, bs, 1)]):.3f} s" for s in systems]
         print(f"| time to first token, batch {bs} | " + " | ".join(cells) + " |")
+        cells = [f"{statistics.median(times[(s, bs, 0)]):.3f} s" if s != "bare LM" else "" for s in systems]
+        print(f"| of which image encoding (timed alone), batch {bs} | " + " | ".join(cells) + " |")
     if train:
         cells = [f"{statistics.median(train[s]):.2f} s" if s in train else "" for s in systems]
         print(f"| train step, batch {max(args.batches)} × {args.train_tokens} | " + " | ".join(cells) + " |")
