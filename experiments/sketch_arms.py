@@ -69,8 +69,8 @@ def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8
         chunk = examples[i : i + batch_size]
         encoded = [processor.encode(example_segments(processor, ex)) for ex in chunk]
         pixels = [processor.transform_images(ex.images) for ex in chunk]
-        if other_sketch:
-            pixels = pixels[1:] + pixels[:1]
+        if other_sketch:  # a last batch of one page takes the first page's sketch
+            pixels = pixels[1:] + pixels[:1] if len(chunk) > 1 else [processor.transform_images(examples[0].images)]
         batch = processor.collate(encoded, pixels)
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         pred = out.logits[:, :-1].argmax(-1)
