@@ -92,7 +92,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
     FlamingoLMMixin.forward.__defaults__ = (None,)  # transformers 5's generate drops an all-ones mask
-    root = Path(tempfile.mkdtemp())
+    workdir = tempfile.TemporaryDirectory(prefix="vlm-bench-")  # removed at exit
+    root = Path(workdir.name)
     ref, tokenizer, model = build_pair(root, args.every)
     ids = tokenizer([PROMPT] * args.batch, return_tensors="pt")["input_ids"]
     torch.manual_seed(1)

@@ -161,7 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     FlamingoLMMixin.forward.__defaults__ = (None,)  # transformers 5's generate drops an all-ones mask
-    root = Path(tempfile.mkdtemp())
+    workdir = tempfile.TemporaryDirectory(prefix="vlm-bench-")  # ~1.5 GB of weights, removed at exit
+    root = Path(workdir.name)
     register_vit(root)
     lm_dir = make_lm(root, args.lm)
     ref, tokenizer, base = convert_pair(root, VIT, lm_dir, args.every, noise=0.02)
