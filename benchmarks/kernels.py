@@ -10,7 +10,8 @@ weights, the second by arithmetic, so the best format differs between them. For 
 from ``vlm.quantize`` on the same random weights, and prints the median time and float32's
 time over it (above 1: faster than float32). Run it on an idle machine.
 
-Formats: ``fp32``; ``fp16w`` (fp16 weights, fp32 arithmetic: fbgemm, x86 only);
+Formats: ``fp32``; ``fp32-packed`` (float32 weights in oneDNN's blocked layout, multiplied by
+its inner product: the same arithmetic in another order); ``fp16w`` (fp16 weights, fp32 arithmetic: fbgemm, x86 only);
 ``fp16w-op`` (the same kernel through ``torch.ops``' public entry, ~30 µs a call slower); ``int8w``
 (weight-only int8, bf16 arithmetic); ``int8dyn`` (PyTorch dynamic quantisation: int8
 weights and per-tensor int8 activations); ``bf16`` (weights and activations; not timed
@@ -27,7 +28,13 @@ import warnings
 import torch
 from torch import nn
 
-from vlm.quantize import Fp16WeightLinear, Int8WeightLinear, fp16_weights_supported
+from vlm.quantize import (
+    Fp16WeightLinear,
+    Int8WeightLinear,
+    PackedLinear,
+    fp16_weights_supported,
+    packed_fp32_supported,
+)
 
 # SmolLM2-135M's MLP and LM head, and ViT-B's MLP (also the perceiver's at width 768).
 SHAPES = ["576x1536", "1536x576", "576x49152", "768x3072", "3072x768"]
@@ -37,6 +44,8 @@ def layer(fmt: str, linear: nn.Linear):
     """A callable taking float32 rows (N, IN) for ``fmt``."""
     if fmt == "fp32":
         return linear
+    if fmt == "fp32-packed":
+        return PackedLinear(linear)
     if fmt == "fp16w":
         return Fp16WeightLinear(linear)
     if fmt == "fp16w-op":  # the same layer called through torch.ops' public entry
@@ -75,15 +84,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--shapes", nargs="+", default=SHAPES, help="INxOUT (default: %(default)s)")
     parser.add_argument("--rows", type=int, nargs="+", default=[1, 8, 64])
-    formats = ["fp32", "fp16w", "fp16w-op", "int8w", "int8dyn", "bf16"]
-    parser.add_argument("--formats", nargs="+", choices=formats, default=["fp32", "fp16w", "int8w", "int8dyn"])
+    formats = ["fp32", "fp32-packed", "fp16w", "fp16w-op", "int8w", "int8dyn", "bf16"]
+    parser.add_argument(
+        "--formats", nargs="+", choices=formats, default=["fp32", "fp32-packed", "fp16w", "int8w", "int8dyn"]
+    )
     parser.add_argument(
         "--working_set_mb", type=float, default=64, help="float32 weights cycled through (default: %(default)s)"
     )
     parser.add_argument("--min_s", type=float, default=0.3, help="time spent per measurement (default: %(default)s)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    fmts = [f for f in args.formats if not f.startswith("fp16w") or fp16_weights_supported()]
+    supported = {"fp16w": fp16_weights_supported(), "fp16w-op": fp16_weights_supported()}
+    supported["fp32-packed"] = packed_fp32_supported()
+    fmts = [f for f in args.formats if supported.get(f, True)]
     if "fp32" not in fmts:
         fmts.insert(0, "fp32")
     print(

@@ -47,7 +47,7 @@ from openflamingo import convert_pair  # noqa: E402  (benchmarks/openflamingo.py
 from transformers import AutoModelForCausalLM, DynamicCache, LlamaForCausalLM  # noqa: E402
 
 from vlm.generate import generate  # noqa: E402
-from vlm.quantize import Fp16WeightLinear  # noqa: E402
+from vlm.quantize import Fp16WeightLinear, PackedLinear  # noqa: E402
 
 VIT = "vlm-bench-ViT-B-32"
 PROMPT = "<image>Question: What is in this picture? Answer:"
@@ -112,8 +112,8 @@ class CpuShare:
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Parameters and buffers, each storage once, plus packed fp16 weights (opaque handles)."""
-    seen, total = set(), sum(m.nbytes for m in module.modules() if isinstance(m, Fp16WeightLinear))
+    """Parameters and buffers, each storage once, plus packed fp16 and oneDNN weights (opaque handles)."""
+    seen, total = set(), sum(m.nbytes for m in module.modules() if isinstance(m, (Fp16WeightLinear, PackedLinear)))
     for t in [*module.parameters(), *module.buffers()]:
         key = t.untyped_storage().data_ptr()
         if key not in seen:

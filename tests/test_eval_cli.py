@@ -73,3 +73,23 @@ def test_missing_shards_is_a_clear_error(setup, tmp_path, capsys):
         eval_main(["--model", str(setup / "ckpt"), "--task", "shapes", "--shards", str(tmp_path / "none")])
     assert info.value.code == 2
     assert "Build the shards" in capsys.readouterr().err
+
+
+def test_lm_weights_reach_the_model(setup, tmp_path, monkeypatch):
+    """``--lm_weights`` is honoured (the default, float32, scores the model as stored)."""
+    import vlm.factory
+
+    seen = []
+    real = vlm.factory.load_model
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("lm_weights"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(vlm.factory, "load_model", spy)
+    base = ["--model", str(setup / "ckpt"), "--task", "easy-vqa", "--shards", str(setup / "qa"), "--limit", "2"]
+    assert eval_main([*base, "--out", str(tmp_path / "a.json")]) == 0
+    assert eval_main([*base, "--lm_weights", "float32-packed", "--out", str(tmp_path / "b.json")]) == 0
+    assert seen == ["float32", "float32-packed"]
+    a, b = (json.loads((tmp_path / f"{n}.json").read_text())["results"]["easy-vqa"]["0-shot"] for n in "ab")
+    assert a["accuracy"] == b["accuracy"]  # the same arithmetic in float32, summed in another order

@@ -1,5 +1,5 @@
-"""Faster frozen-LM paths (vlm.quantize.fast_lm): fp16 weights, bf16 weights and
-weight-only int8.
+"""Faster frozen-LM paths (vlm.quantize.fast_lm): fp16 weights, float32 weights in oneDNN's
+layout, bf16 weights and weight-only int8.
 
 The arithmetic differs from fp32 (weights rounded; for bf16 and int8 activations in bf16
 too), so exact equality is asserted where it holds (fp32 mode, fp16 weights against fp32
@@ -20,9 +20,12 @@ from vlm.quantize import (
     CastingLinear,
     Fp16WeightLinear,
     Int8WeightLinear,
+    PackedLinear,
+    apply_lm_weights,
     fast_encoder,
     fast_lm,
     fp16_weights_supported,
+    packed_fp32_supported,
 )
 
 NO_STOP = GenerationConfig(max_new_tokens=12, stop_token_ids=())
@@ -196,8 +199,6 @@ def test_fp16_weight_linear_passes_gradients_to_its_input():
 
 @needs_fbgemm
 def test_apply_lm_weights_auto_converts_a_float32_cpu_model_once(make_model):
-    from vlm.quantize import apply_lm_weights
-
     model, processor = make_model("llama")
     assert apply_lm_weights(model, "float32") is model and apply_lm_weights(model, None) is model
     assert not any(isinstance(m, Fp16WeightLinear) for m in model.modules())
@@ -206,9 +207,71 @@ def test_apply_lm_weights_auto_converts_a_float32_cpu_model_once(make_model):
     assert isinstance(head, Fp16WeightLinear)
     assert isinstance(model.decoder_layers()[0].decoder_layer.self_attn.q_proj, Fp16WeightLinear)
     assert all(isinstance(x.xattn.ff[1], Fp16WeightLinear) for x in model.decoder_layers() if x.xattn is not None)
+    # The image side stays float32, in oneDNN's layout where PyTorch has it.
+    packed = [m for m in model.resampler.modules() if isinstance(m, PackedLinear)]
+    assert bool(packed) == packed_fp32_supported()
     assert apply_lm_weights(model, "auto").head.base is head  # a second call changes nothing
     assert len(_tokens(model, _batch(processor))) == NO_STOP.max_new_tokens
     # Not in float32: left as it is.
     other, _ = make_model("llama")
     other.to(torch.bfloat16)
     assert not any(isinstance(m, Fp16WeightLinear) for m in apply_lm_weights(other, "auto").modules())
+
+
+needs_onednn = pytest.mark.skipif(not packed_fp32_supported(), reason="no oneDNN in this PyTorch build")
+
+
+@needs_onednn
+def test_packed_linear_is_float32_linear_up_to_rounding():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48, bias=True)
+    q = PackedLinear(linear)
+    assert torch.equal(q.weight, linear.weight.detach())  # the layout changes, not the values
+    x = torch.randn(3, 5, 64)  # (B, S, in)
+    expected = F.linear(x, linear.weight.detach(), linear.bias.detach())
+    for mode in (torch.no_grad, torch.inference_mode):
+        with mode():
+            got = q(x)
+            assert got.shape == (3, 5, 48) and got.dtype == torch.float32
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)  # only the order of the sums differs
+            torch.testing.assert_close(q(x.transpose(0, 1)), expected.transpose(0, 1), rtol=1e-5, atol=1e-5)
+    assert q(x.bfloat16()).dtype == torch.bfloat16  # the output goes back to the input's dtype
+    # Gradients reach the input through the plain layout (oneDNN's op has no backward).
+    x.requires_grad_(True)
+    q(x).square().sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    F.linear(ref, linear.weight.detach(), linear.bias.detach()).square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad)
+
+
+@needs_onednn
+def test_packed_float32_path_is_the_float32_model(trained_model):
+    model, processor = trained_model("llama")
+    batch = _batch(processor)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    fast = fast_encoder(fast_lm(model, "float32-packed", adapter=True), torch.float32, copy=False)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # the original is untouched
+    layer = fast.decoder_layers()[0].decoder_layer
+    assert isinstance(layer.mlp.down_proj, PackedLinear) and isinstance(fast.head.base, PackedLinear)
+    blocks = [x.xattn for x in fast.decoder_layers() if x.xattn is not None]
+    assert blocks and all(isinstance(b.to_q, PackedLinear) and isinstance(b.to_kv, PackedLinear) for b in blocks)
+    assert any(isinstance(m, PackedLinear) for m in fast.resampler.modules())
+    assert all(p.dtype == torch.float32 for p in fast.parameters())
+    torch.testing.assert_close(_logits(fast, batch), _logits(model, batch), rtol=1e-4, atol=1e-4)
+    assert _tokens(fast, batch) == _tokens(model, batch)
+    import copy
+
+    again = copy.deepcopy(fast)  # an opaque oneDNN tensor cannot be deep-copied as it is
+    assert again.head.base.packed is not fast.head.base.packed
+    torch.testing.assert_close(_logits(again, batch), _logits(fast, batch), rtol=0, atol=0)
+
+
+@needs_onednn
+def test_apply_lm_weights_packed_converts_lm_adapter_and_image_side(make_model):
+    model, processor = make_model("llama")
+    assert apply_lm_weights(model, "float32-packed") is model  # in place
+    assert isinstance(model.head.base, PackedLinear)
+    assert any(isinstance(m, PackedLinear) for m in model.resampler.modules())
+    head = model.head.base
+    assert apply_lm_weights(model, "float32-packed").head.base is head  # a second call changes nothing
+    assert len(_tokens(model, _batch(processor))) == NO_STOP.max_new_tokens

@@ -97,7 +97,7 @@ def quantize_lm_int8(model: VLM, tokenizer=None, max_error: float = 0.07) -> VLM
 # output channel (weight-only int8). Unlike the dynamic quantisation above, no activation is
 # ever rounded to int8.
 
-LM_WEIGHTS = ("float32", "float16", "bfloat16", "int8")
+LM_WEIGHTS = ("float32", "float32-packed", "float16", "bfloat16", "int8")
 
 
 def fp16_weights_supported() -> bool:
@@ -168,6 +168,59 @@ class Fp16WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=float16"
 
 
+def packed_fp32_supported() -> bool:
+    """Whether this PyTorch has oneDNN's float32 linear on prepacked weights (CPU builds with oneDNN)."""
+    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
+class PackedLinear(nn.Module):
+    """A frozen float32 linear layer whose weights sit in oneDNN's blocked layout
+    (``torch.ops.mkldnn._reorder_linear_weight``, the layout PyTorch's compiler gives frozen
+    weights) and are multiplied by oneDNN's inner product (``_linear_pointwise``).
+
+    Weights, activations and arithmetic stay float32; only the order of the sums changes, so
+    outputs differ from ``F.linear``'s by float32 rounding. On x86 CPUs the default float32
+    GEMM reads the weights of a few-row product well below memory speed (an LM head of
+    49,152 × 576 at 8 rows ran 3× slower than this), so decoding in float32 gains most;
+    ``benchmarks/kernels.py --formats fp32 fp32-packed`` measures it per layer."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        if not packed_fp32_supported():
+            raise RuntimeError("packed float32 weights need PyTorch's oneDNN (mkldnn) CPU backend; use float32 here")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        weight = linear.weight.detach().float().contiguous()
+        # An opaque oneDNN tensor: a plain attribute, not a buffer (state_dict and .to() cannot hold it).
+        self.packed = torch.ops.mkldnn._reorder_linear_weight(weight)
+        self.bias = None if linear.bias is None else linear.bias.detach().float().clone()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled() and x.requires_grad:  # oneDNN's op has no backward
+            return F.linear(x, self.weight.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        out = torch.ops.mkldnn._linear_pointwise(x.float(), self.packed, self.bias, "none", [None], "")
+        return out.to(x.dtype)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The weights in float32, in the usual (out, in) layout; a copy."""
+        return self.packed.to_dense()
+
+    @property
+    def nbytes(self) -> int:
+        """Memory the weights and bias take (plain attributes: no parameter or buffer)."""
+        return 4 * (self.in_features + (self.bias is not None)) * self.out_features
+
+    def __deepcopy__(self, memo: dict) -> PackedLinear:
+        plain = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device="meta")
+        plain.weight = nn.Parameter(self.weight, requires_grad=False)
+        if self.bias is not None:
+            plain.bias = nn.Parameter(self.bias.clone(), requires_grad=False)
+        return PackedLinear(plain)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weights=float32 (oneDNN layout)"
+
+
 class Int8WeightLinear(nn.Module):
     """A frozen linear layer with int8 weights and one float scale per output channel.
 
@@ -204,20 +257,26 @@ class Int8WeightLinear(nn.Module):
 
 def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
     """What the applications run (:func:`vlm.factory.load_model`'s ``lm_weights``): ``model``
-    itself with its frozen LM weights as ``weights`` (see :func:`fast_lm`; with ``"float16"``
-    the cross-attention blocks' per-token layers too, ``adapter=True``). ``"auto"``: fp16
-    weights where the model runs on a CPU in float32 and PyTorch has the kernel for them,
-    else as it is; ``None`` or ``"float32"``: as it is. A model whose LM was already
-    converted (or shares converted modules) is left as it is."""
+    itself with its frozen LM weights as ``weights`` (see :func:`fast_lm`; the
+    cross-attention blocks' layers too, ``adapter=True``). ``"auto"``: fp16 weights where the
+    model runs on a CPU in float32 and PyTorch has the kernel for them, else as it is;
+    ``None`` or ``"float32"``: as it is. Any other choice also gives a float32 image side on
+    a CPU oneDNN's layout (:func:`fast_encoder` with ``torch.float32``: the same arithmetic,
+    faster image encodes). A model whose LM was already converted (or shares converted
+    modules) is left as it is."""
+    param = next(model.lm.parameters())
     if weights == "auto":
-        param = next(model.lm.parameters())
         plain = param.device.type == "cpu" and param.dtype == torch.float32
         weights = "float16" if plain and fp16_weights_supported() else None
     if weights in (None, "float32"):
         return model
-    if any(isinstance(m, (Fp16WeightLinear, Int8WeightLinear)) for m in model.lm.modules()):
+    if any(isinstance(m, (Fp16WeightLinear, Int8WeightLinear, PackedLinear)) for m in model.lm.modules()):
         return model
-    return fast_lm(model, weights, copy=False, adapter=True)
+    out = fast_lm(model, weights, copy=False, adapter=True)
+    image_side = next(model.resampler.parameters())
+    if image_side.device.type == "cpu" and image_side.dtype == torch.float32 and packed_fp32_supported():
+        fast_encoder(out, torch.float32, copy=False)
+    return out
 
 
 def _frozen_lm_linears(model: VLM) -> dict[str, nn.Linear]:
@@ -271,16 +330,18 @@ def fast_lm(
     old_head = out.head.base
     head_weight = old_head.weight.detach().float().clone()  # before a tied embedding is cast
     swap: dict[int, nn.Module] = {}
-    if weights == "float16":
+    if weights in ("float16", "float32-packed"):
+        kind = Fp16WeightLinear if weights == "float16" else PackedLinear
         for layer in layers:
             for module in layer.decoder_layer.modules():
                 if isinstance(module, nn.Linear):
-                    swap[id(module)] = Fp16WeightLinear(module)
+                    swap[id(module)] = kind(module)
         if adapter:
             for block in (layer.xattn for layer in layers if layer.xattn is not None):
                 for name, module in block.named_modules():
-                    if isinstance(module, nn.Linear) and name != "to_kv":
-                        swap[id(module)] = Fp16WeightLinear(module)
+                    # Keys and values, computed once per image, keep float32 weights under fp16.
+                    if isinstance(module, nn.Linear) and (name != "to_kv" or kind is PackedLinear):
+                        swap[id(module)] = kind(module)
     elif weights != "float32":
         for layer in layers:
             layer.decoder_layer.to(torch.bfloat16)
@@ -301,10 +362,12 @@ def fast_lm(
         swap[id(old_head)] = Int8WeightLinear(plain)
     elif head == "float16":
         swap[id(old_head)] = Fp16WeightLinear(plain)
+    elif head == "float32-packed":
+        swap[id(old_head)] = PackedLinear(plain)
     else:
         swap[id(old_head)] = CastingLinear.like(plain, getattr(torch, head))
     _replace_modules(out, swap)
-    out.lm_weights = (weights, head, adapter and weights == "float16")
+    out.lm_weights = (weights, head, adapter and weights in ("float16", "float32-packed"))
     return out
 
 
@@ -331,10 +394,24 @@ def fast_encoder(model: VLM, dtype: torch.dtype = torch.bfloat16, *, copy: bool 
     latents come out in ``dtype``; the cross-attention blocks cast them to their own dtype
     when they compute keys and values. The outputs change by bf16's rounding (quality gates:
     ``benchmarks/generate.py --gates``); the resampler's weights no longer train.
-    ``copy=False`` changes ``model`` itself and returns it."""
+    ``torch.float32``: the image side stays float32, its linear layers become
+    :class:`PackedLinear` (those inside ``nn.MultiheadAttention``, which reads its weights
+    itself, excepted). ``copy=False`` changes ``model`` itself and returns it."""
     import copy as _copy
 
     out = _copy.deepcopy(model) if copy else model
-    out.vision.to(dtype)
-    out.resampler.to(dtype)
+    if dtype != torch.float32:
+        out.vision.to(dtype)
+        out.resampler.to(dtype)
+        return out
+    inside_mha = {
+        id(m) for mha in out.vision.modules() if isinstance(mha, nn.MultiheadAttention) for m in mha.modules()
+    }
+    swap = {
+        id(m): PackedLinear(m)
+        for side in (out.vision, out.resampler)
+        for m in side.modules()
+        if isinstance(m, nn.Linear) and id(m) not in inside_mha
+    }
+    _replace_modules(out, swap)
     return out

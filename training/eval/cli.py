@@ -143,7 +143,12 @@ def markdown(results: dict) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="vlm-eval", description=__doc__.split("\n")[0])
-    add_model_arguments(parser)
+    add_model_arguments(
+        parser,
+        "how the frozen weights are held (default: float32, the model as stored; auto or another choice "
+        "scores the faster path the applications would run, see vlm.quantize)",
+    )
+    parser.set_defaults(lm_weights="float32")
     parser.add_argument("--task", nargs="+", default=["easy-vqa"], choices=sorted(TASKS))
     parser.add_argument("--shards", help="shards for the (single) task instead of its default test shards")
     parser.add_argument("--shots", type=int, nargs="+", default=[0])
@@ -186,7 +191,9 @@ def main(argv: list[str] | None = None) -> int:
         except render.RendererUnavailable as e:
             parser.exit(2, f"vlm-eval: error: --render: {e}\n")
     try:
-        model, processor = load_model(args.model, verbose=False, device=args.device, dtype=args.dtype)
+        model, processor = load_model(
+            args.model, verbose=False, device=args.device, dtype=args.dtype, lm_weights=args.lm_weights
+        )
     except Exception as e:  # a broken checkpoint, a missing backbone, no such device: one line, no traceback
         parser.exit(2, f"vlm-eval: error: cannot load the model: {e}\n")
     model.eval()

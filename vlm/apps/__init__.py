@@ -12,10 +12,11 @@ import argparse
 import re
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")  # vlm.factory.DTYPES (which imports torch)
-LM_WEIGHTS = ("auto", "float32", "float16", "bfloat16", "int8")  # vlm.quantize.LM_WEIGHTS and auto
+LM_WEIGHTS = ("auto", "float32", "float32-packed", "float16", "bfloat16", "int8")  # vlm.quantize.LM_WEIGHTS and auto
 LM_WEIGHTS_HELP = (
     "how the frozen weights are held for inference (default: auto: float16 weights with float32 arithmetic "
-    "for the LM and the cross-attention blocks on x86 CPUs, else as loaded; float32 turns that off)"
+    "for the LM and the cross-attention blocks on x86 CPUs, the image side in oneDNN's float32 layout, else as "
+    "loaded; float32 turns that off; float32-packed: float32 everywhere, every layer in oneDNN's layout)"
 )
 _DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
@@ -26,9 +27,10 @@ def _device(text: str) -> str:
     return text
 
 
-def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+def add_model_arguments(parser: argparse.ArgumentParser, lm_weights_help: str = LM_WEIGHTS_HELP) -> None:
     """``--model``, ``--device``, ``--dtype`` and ``--lm_weights``, which every inference
-    command takes and passes to :func:`vlm.factory.load_model`."""
+    command takes and passes to :func:`vlm.factory.load_model`; ``lm_weights_help``: the
+    help of ``--lm_weights`` for a command whose default (set with ``set_defaults``) is not ``auto``."""
     parser.add_argument(
         "--model", metavar="DIR", help="checkpoint folder or Hub repo id owner/name (default: the bundled model)"
     )
@@ -49,5 +51,5 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
         "--lm_weights",
         choices=LM_WEIGHTS,
         default="auto",
-        help=LM_WEIGHTS_HELP,
+        help=lm_weights_help,
     )
