@@ -264,8 +264,8 @@ def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
     a CPU oneDNN's layout (:func:`fast_encoder` with ``torch.float32``: the same arithmetic,
     faster image encodes). A model whose LM was already converted (or shares converted
     modules) is left as it is."""
-    param = next(model.lm.parameters())
     if weights == "auto":
+        param = next(model.lm.parameters())
         plain = param.device.type == "cpu" and param.dtype == torch.float32
         weights = "float16" if plain and fp16_weights_supported() else None
     if weights in (None, "float32"):
@@ -304,14 +304,16 @@ def fast_lm(
 
     ``"float16"``: the decoder layers' linear layers as :class:`Fp16WeightLinear` (fp16
     weights, float32 arithmetic), everything else unchanged; ``"bfloat16"``: the decoder
-    layers' weights in bf16 (their activations then run in bf16 too); ``"int8"``: their
+    layers' weights in bf16 (their activations then run in bf16 too); ``"float32-packed"``:
+    their linear layers as :class:`PackedLinear` (float32 in oneDNN's layout); ``"int8"``: their
     linear layers as :class:`Int8WeightLinear` (bf16 compute), the rest in bf16. ``head``
     (default: ``weights``, except ``"float32"`` for ``"bfloat16"``): the LM head's weights
     (one of ``LM_WEIGHTS``); kept in float32 under bf16 layers, next-token scores are not
     rounded to bf16's 8 bits, which would tie near neighbours. The adapter (resampler, cross-attention, new token rows) and the vision
     tower keep their dtype, except with ``adapter=True`` under ``"float16"``: then the
     cross-attention blocks' per-token linear layers (query, output and feed-forward; not the
-    keys and values, computed once per image) get fp16 weights too, for inference only
+    keys and values, computed once per image) get fp16 weights too, and under
+    ``"float32-packed"`` all of their linear layers are packed; for inference only
     (their weights no longer train). ``copy=False`` changes ``model`` itself (no second copy
     of the weights) and returns it. ``"float32"``: ``model`` unchanged (or copied)."""
     import copy as _copy
