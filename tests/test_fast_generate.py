@@ -61,6 +61,7 @@ def test_int8_linear_is_its_dequantised_weights():
 
 
 needs_fbgemm = pytest.mark.skipif(not fp16_weights_supported(), reason="no fbgemm in this PyTorch build")
+needs_onednn = pytest.mark.skipif(not packed_fp32_supported(), reason="no oneDNN in this PyTorch build")
 
 
 @needs_fbgemm
@@ -218,9 +219,6 @@ def test_apply_lm_weights_auto_converts_a_float32_cpu_model_once(make_model):
     assert not any(isinstance(m, Fp16WeightLinear) for m in apply_lm_weights(other, "auto").modules())
 
 
-needs_onednn = pytest.mark.skipif(not packed_fp32_supported(), reason="no oneDNN in this PyTorch build")
-
-
 @needs_onednn
 def test_packed_linear_is_float32_linear_up_to_rounding():
     torch.manual_seed(0)
@@ -256,6 +254,9 @@ def test_packed_float32_path_is_the_float32_model(trained_model):
     blocks = [x.xattn for x in fast.decoder_layers() if x.xattn is not None]
     assert blocks and all(isinstance(b.to_q, PackedLinear) and isinstance(b.to_kv, PackedLinear) for b in blocks)
     assert any(isinstance(m, PackedLinear) for m in fast.resampler.modules())
+    assert any(isinstance(m, PackedLinear) for m in fast.vision.modules())  # the tower's MLPs
+    attention = [m for m in fast.vision.modules() if isinstance(m, nn.MultiheadAttention)]
+    assert attention and not any(isinstance(m.out_proj, PackedLinear) for m in attention)  # reads its own weights
     assert all(p.dtype == torch.float32 for p in fast.parameters())
     torch.testing.assert_close(_logits(fast, batch), _logits(model, batch), rtol=1e-4, atol=1e-4)
     assert _tokens(fast, batch) == _tokens(model, batch)
