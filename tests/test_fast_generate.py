@@ -17,6 +17,7 @@ from torch import nn
 
 from vlm.generate import GenerationConfig, generate
 from vlm.quantize import (
+    CONVERTED_LINEARS,
     CastingLinear,
     Fp16WeightLinear,
     Int8WeightLinear,
@@ -276,3 +277,31 @@ def test_apply_lm_weights_packed_converts_lm_adapter_and_image_side(make_model):
     head = model.head.base
     assert apply_lm_weights(model, "float32-packed").head.base is head  # a second call changes nothing
     assert len(_tokens(model, _batch(processor))) == NO_STOP.max_new_tokens
+
+
+@needs_fbgemm
+def test_a_second_adapter_on_converted_backbones_shares_them(trained_model, tmp_path):
+    """The demo loads the sketch adapter on the converted default model's backbones: one copy
+    of the converted LM, and the second adapter's own blocks converted as the first's."""
+    import vlm
+
+    first, processor = trained_model()
+    torch.manual_seed(1)
+    other, _ = trained_model(every=3)  # another adapter layout on the same backbones
+    folder = vlm.save_pretrained(other, tmp_path / "other")
+    apply_lm_weights(first, "auto")
+    second, _ = vlm.from_pretrained(folder, verbose=False, share=(first, processor))
+    apply_lm_weights(second, "auto")
+
+    def converted(model):  # the frozen LM's and tower's converted layers, not the adapter's
+        named = [*model.lm.named_modules(), *model.vision.named_modules()]
+        return {id(m) for n, m in named if isinstance(m, CONVERTED_LINEARS) and ".xattn." not in f".{n}."}
+
+    assert converted(second) and converted(second) == converted(first)
+    blocks = [x.xattn for x in second.decoder_layers() if x.xattn is not None]
+    assert blocks and all(isinstance(b.to_q, Fp16WeightLinear) for b in blocks)
+    assert any(isinstance(m, PackedLinear) for m in second.resampler.modules()) == packed_fp32_supported()
+    # The same outputs as the adapter loaded and converted on its own backbones.
+    alone = apply_lm_weights(vlm.from_pretrained(folder, verbose=False)[0], "auto")
+    batch = _batch(processor)
+    torch.testing.assert_close(_logits(second, batch), _logits(alone, batch), rtol=0, atol=0)

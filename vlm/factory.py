@@ -96,12 +96,22 @@ def _shared_backbones(share: tuple[VLM, Processor], cfg: VLMConfig):
             f"this config has vision={cfg.vision}, lm={cfg.lm}; the loaded model has "
             f"vision={base.config.vision}, lm={base.config.lm}"
         )
+    from .quantize import CONVERTED_LINEARS
+
     frozen = {
         id(t): t
         for module in (base.vision, base.lm)
         for name, t in (*module.named_parameters(), *module.named_buffers())
         if ".xattn." not in f".{name}"
     }
+    # Layers converted for inference (vlm.quantize) hold their weights outside parameters and
+    # buffers: the same module objects, not copies of their weights.
+    frozen.update(
+        (id(m), m)
+        for module in (base.vision, base.lm)
+        for name, m in module.named_modules()
+        if isinstance(m, CONVERTED_LINEARS) and ".xattn." not in f".{name}."
+    )
     vision, lm = copy.deepcopy(base.vision, frozen), copy.deepcopy(base.lm, frozen)
     layers = find_decoder(lm)[1]
     for i, layer in enumerate(layers):  # back to the bare decoder layers; this model's blocks go in below

@@ -255,6 +255,10 @@ class Int8WeightLinear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, compute={self.scale.dtype}"
 
 
+CONVERTED_LINEARS = (Fp16WeightLinear, Int8WeightLinear, PackedLinear)
+"""Layers that hold frozen weights converted for inference (outside parameters, for the first and last)."""
+
+
 def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
     """What the applications run (:func:`vlm.factory.load_model`'s ``lm_weights``): ``model``
     itself with its frozen LM weights as ``weights`` (see :func:`fast_lm`; the
@@ -262,21 +266,37 @@ def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
     model runs on a CPU in float32 and PyTorch has the kernel for them, else as it is;
     ``None`` or ``"float32"``: as it is. Any other choice also gives a float32 image side on
     a CPU oneDNN's layout (:func:`fast_encoder` with ``torch.float32``: the same arithmetic,
-    faster image encodes). A model whose LM was already converted (or shares converted
-    modules) is left as it is."""
+    faster image encodes). An LM already converted is left as it is: a second call changes
+    nothing, and a second adapter on backbones shared with a converted model
+    (``vlm.factory``'s ``share``) converts only its own blocks, to the LM's format."""
     if weights == "auto":
         param = next(model.lm.parameters())
         plain = param.device.type == "cpu" and param.dtype == torch.float32
         weights = "float16" if plain and fp16_weights_supported() else None
     if weights in (None, "float32"):
         return model
-    if any(isinstance(m, (Fp16WeightLinear, Int8WeightLinear, PackedLinear)) for m in model.lm.modules()):
-        return model
-    out = fast_lm(model, weights, copy=False, adapter=True)
-    image_side = next(model.resampler.parameters())
-    if image_side.device.type == "cpu" and image_side.dtype == torch.float32 and packed_fp32_supported():
-        fast_encoder(out, torch.float32, copy=False)
-    return out
+    done = {type(m) for m in model.lm.modules() if isinstance(m, CONVERTED_LINEARS)}
+    if not done:
+        fast_lm(model, weights, copy=False, adapter=True)
+    elif done & {Fp16WeightLinear, PackedLinear}:
+        kind = Fp16WeightLinear if Fp16WeightLinear in done else PackedLinear
+        _replace_modules(model, _adapter_swaps(model.decoder_layers(), kind))
+    image_side = next(model.resampler.parameters(), None)
+    if image_side is not None and image_side.device.type == "cpu" and image_side.dtype == torch.float32:
+        if packed_fp32_supported():
+            fast_encoder(model, torch.float32, copy=False)
+    return model
+
+
+def _adapter_swaps(layers, kind: type[nn.Module]) -> dict[int, nn.Module]:
+    """The cross-attention blocks' linear layers of ``layers`` as ``kind``. Under fp16 the
+    keys and values, computed once per image, keep float32 weights."""
+    return {
+        id(module): kind(module)
+        for block in (layer.xattn for layer in layers if layer.xattn is not None)
+        for name, module in block.named_modules()
+        if isinstance(module, nn.Linear) and (name != "to_kv" or kind is PackedLinear)
+    }
 
 
 def _frozen_lm_linears(model: VLM) -> dict[str, nn.Linear]:
@@ -339,11 +359,7 @@ def fast_lm(
                 if isinstance(module, nn.Linear):
                     swap[id(module)] = kind(module)
         if adapter:
-            for block in (layer.xattn for layer in layers if layer.xattn is not None):
-                for name, module in block.named_modules():
-                    # Keys and values, computed once per image, keep float32 weights under fp16.
-                    if isinstance(module, nn.Linear) and (name != "to_kv" or kind is PackedLinear):
-                        swap[id(module)] = kind(module)
+            swap.update(_adapter_swaps(layers, kind))
     elif weights != "float32":
         for layer in layers:
             layer.decoder_layer.to(torch.bfloat16)
