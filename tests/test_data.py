@@ -299,3 +299,44 @@ def test_group_by_length_cuts_padding_and_keeps_every_sample_and_each_batchs_sou
     assert run(6)[0] == grouped_keys  # deterministic, so a resumed run skips to the same place
     with pytest.raises(ValueError, match="group_by_length"):
         ShardStream(LoaderConfig(sources, group_by_length=-1), processor)
+
+
+@pytest.mark.parametrize("workers, group", [(0, 0), (1, 3), (2, 0), (2, 3)])
+def test_a_resumed_epoch_skips_batches_without_building_them_and_then_goes_on_identically(
+    make_model, tmp_path, workers, group
+):
+    _, processor = make_model("gpt2")
+    rng = random.Random(1)
+    samples = [caption_sample(f"s{i:02d}", _png(), " ".join(["word"] * rng.randint(1, 20))) for i in range(44)]
+    samples[7] = {"__key__": "bad", "png": b"not a png", "txt": b"corrupt"}  # skip decisions replay too
+    _write(tmp_path, "caps", samples, per_shard=6)
+    cfg = LoaderConfig(
+        [SourceConfig(str(tmp_path), "caption")],
+        batch_size=3,
+        shuffle_buffer=8,
+        group_by_length=group,
+        num_workers=workers,
+    )
+
+    def epoch(skip: int) -> list[dict]:
+        loader = make_loader(cfg, processor)
+        loader.dataset.set_epoch(0, skip_batches=skip)
+        return [b for b in loader if not is_report_only(b)]
+
+    full = epoch(0)
+    assert len(full) == 14 and not any(b.get("skip_only") for b in full)
+    skip = 9
+    resumed = epoch(skip)
+    assert [b["keys"] for b in resumed] == [b["keys"] for b in full]  # the same batches in the same order
+    placeholders = [i for i, b in enumerate(resumed) if b.get("skip_only")]
+    # Every placeholder stands for a batch the resumed run skips; each worker sends skip // workers.
+    assert placeholders and placeholders[-1] < skip and len(placeholders) == skip // max(workers, 1) * max(workers, 1)
+    assert all("pixel_values" not in resumed[i] for i in placeholders)
+    for before, after in zip(full[skip:], resumed[skip:]):
+        assert set(before) == set(after)
+        for key, value in before.items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, after[key]), key
+            else:
+                assert value == after[key], key
+    assert sum(sum(b["skipped"].values()) for b in resumed) == sum(sum(b["skipped"].values()) for b in full) == 1

@@ -106,13 +106,16 @@ class Batches:
     def __init__(self, cfg, processor, d: Dist, epoch: int = 0, position: int = 0, prefix=None):
         self.loader = make_loader(cfg, processor, d.rank, d.world_size, prefix)
         self.epoch, self.position = epoch, position
+        self.show_skip = d.is_main
         self.skipped = SkipCounter()
         self._iter = self._start(skip=position)
 
     def _start(self, skip: int):
-        self.loader.dataset.set_epoch(self.epoch)
+        self.loader.dataset.set_epoch(self.epoch, skip_batches=skip)
         it = iter(self.loader)
-        for _ in range(skip):
+        for _ in tqdm(
+            range(skip), desc="resume: skipping trained batches", disable=skip < 100 or not self.show_skip, leave=False
+        ):
             self._next_data(it)
         return it
 
@@ -127,6 +130,11 @@ class Batches:
         for _ in range(2):
             try:
                 batch = self._next_data(self._iter)
+                if batch.get("skip_only"):  # the loader's count of batches to skip went wrong
+                    raise RuntimeError(
+                        f"epoch {self.epoch}, batch {self.position}: the data loader sent a batch to skip "
+                        "where one to train on was due"
+                    )
                 self.position += 1
                 return batch
             except StopIteration:

@@ -16,6 +16,12 @@ itself stop it: MemoryError (a sample that would need an absurd allocation is re
 before allocating), KeyboardInterrupt, a bad configuration. In resampled mode, a source
 that keeps giving nothing usable is dropped from the mixture with a warning rather than
 drawn from forever.
+
+A resumed run skips the batches it already trained on: ``set_epoch(epoch, skip_batches=n)``
+makes each worker read, decode and tokenise them exactly as before (so every later draw
+and skip decision is the same) but not transform their images, read their prefixes or
+send them whole; they arrive as ``{"skip_only": True, ...}`` placeholders, which the
+consumer counts and drops.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from vlm.processor import Processor
@@ -132,11 +139,11 @@ class _Group:
         self.clear()
 
     def clear(self) -> None:
-        self.encoded, self.pixels, self.keys, self.prefixes, self.origins = [], [], [], [], []
+        self.encoded, self.images, self.keys, self.prefixes, self.origins = [], [], [], [], []
 
-    def add(self, encoded, pixels, keys, prefixes, origin: int) -> None:
+    def add(self, encoded, images, keys, prefixes, origin: int) -> None:
         self.encoded += encoded
-        self.pixels += pixels
+        self.images += images
         self.keys += keys
         self.prefixes += prefixes
         self.origins += [origin] * len(keys)
@@ -176,10 +183,13 @@ class ShardStream(IterableDataset):
         self.rank = default_rank if rank is None else rank
         self.world_size = default_world if world_size is None else world_size
         self.epoch = 0
+        self.skip_batches = 0
         self.urls = [expand_shards(s.shards) for s in cfg.sources]
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
+        """The next iteration reads ``epoch``; its first ``skip_batches`` batches (a resumed
+        run's, counted over all workers) are wanted only to be skipped."""
+        self.epoch, self.skip_batches = epoch, skip_batches
 
     # ------------------------------------------------------------ per worker
 
@@ -253,15 +263,22 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.cfg.seed}-{self.epoch}-{index}-{self.rank}-{worker}").shuffle(mine)
         return mine
 
-    def _encode(self, raw: dict, source: SourceConfig) -> tuple[list[int], list[int], list[torch.Tensor], bool]:
-        """``(ids, labels, pixels, truncated)`` of one sample, or an exception saying why not."""
+    def _encode(self, raw: dict, source: SourceConfig) -> tuple[list[int], list[int], list[Image.Image], bool]:
+        """``(ids, labels, images, truncated)`` of one sample, or an exception saying why not.
+        The images are decoded and in RGB; :meth:`_batch` transforms them (a fixed resize and
+        normalisation that cannot fail), unless the batch is one a resumed run skips."""
         example = decode_sample(raw, source.kind, self.cfg.max_pixels)
         ids, labels = self.processor.encode(example_segments(self.processor, example))
         # The prefix cache builds its ids with this same path (prefix_cache.encode_for_cache).
         ids, labels, truncated = fit_tokens(ids, labels, source.max_tokens)
         # Only the images whose marker survived a cut are transformed and fed.
         n_images = sum(t == self.processor.image_token_id for t in ids)
-        return ids, labels, self.processor.transform_images(example.images[:n_images]), truncated
+        images = []
+        for j, image in enumerate(example.images[:n_images]):
+            if not isinstance(image, Image.Image):
+                raise TypeError(f"image {j}: expected a PIL image, got {type(image).__name__}")
+            images.append(image.convert("RGB"))
+        return ids, labels, images, truncated
 
     def _dropped(self, source: _Source) -> str:
         """Names a barren source and why, in a warning now (and in the error if none is left)."""
@@ -285,7 +302,19 @@ class ShardStream(IterableDataset):
         limit = math.inf
         if self.cfg.epoch_batches:
             limit = math.ceil(self.cfg.epoch_batches / workers)
-        encoded, pixels, keys, prefixes, batches = [], [], [], [], 0
+        # Batch k of the epoch comes from worker k % workers while all have batches left (the
+        # DataLoader takes them in turn; one that has run out is passed over, so the others
+        # give more of the first ones): each worker's first skip_batches // workers batches
+        # are always among those skipped.
+        skip_left = self.skip_batches // workers
+
+        def batch(*parts) -> dict:
+            nonlocal skip_left
+            skip_only = skip_left > 0
+            skip_left -= skip_only
+            return self._batch(*parts, skip_only=skip_only)
+
+        encoded, images, keys, prefixes, batches = [], [], [], [], 0
         origins: set[int] = set()  # the sources in the batch being filled
         groups: dict[int, _Group] = {}  # group_by_length: full batches held, by source (-1: mixed)
         dropped: list[str] = []
@@ -305,7 +334,7 @@ class ShardStream(IterableDataset):
                 continue
             reason = None
             try:
-                ids, labels, px, truncated = self._encode(raw, source.config)
+                ids, labels, ims, truncated = self._encode(raw, source.config)
             except MemoryError:
                 raise
             except Exception as e:  # whatever one sample provokes is that sample's problem, not the run's
@@ -322,43 +351,44 @@ class ShardStream(IterableDataset):
                 continue
             if truncated:
                 skipped["truncated"] += 1
-            if self.prefix is not None:  # a mismatch is the run's problem, not the sample's: it raises
-                prefixes.append(self.prefix.get(raw["__shard_url__"], source.index, raw["__key__"], ids))
+            if self.prefix is not None:  # read with its batch (a mismatch is the run's problem: it raises)
+                prefixes.append((raw["__shard_url__"], source.index, raw["__key__"], ids))
             encoded.append((ids, labels))
-            pixels.append(px)
+            images.append(ims)
             keys.append(raw.get("__key__", ""))
             origins.add(source.index)
             if len(encoded) == self.cfg.batch_size:
                 if self.cfg.group_by_length > 1:
                     origin = next(iter(origins)) if len(origins) == 1 else -1  # -1: a mixed batch
                     group = groups.setdefault(origin, _Group())
-                    group.add(encoded, pixels, keys, prefixes, origin)
+                    group.add(encoded, images, keys, prefixes, origin)
                     if len(group.keys) == self.cfg.batch_size * self.cfg.group_by_length:
-                        yield from self._regrouped(group, rng, skipped)
+                        yield from self._regrouped(group, rng, skipped, batch)
                 else:
-                    yield self._batch(encoded, pixels, keys, skipped, origins, prefixes)
-                encoded, pixels, keys, prefixes, batches = [], [], [], [], batches + 1
+                    yield batch(encoded, images, keys, skipped, origins, prefixes)
+                encoded, images, keys, prefixes, batches = [], [], [], [], batches + 1
                 origins, current = set(), None
         for group in groups.values():  # the last, partly filled groups: whole batches still
-            yield from self._regrouped(group, rng, skipped)
+            yield from self._regrouped(group, rng, skipped, batch)
         if dropped and not sources:
             raise RuntimeError("no usable samples from any data source: " + "; ".join(dropped))
         if encoded and not self.cfg.drop_last and batches < limit:
-            yield self._batch(encoded, pixels, keys, skipped, origins, prefixes)
+            yield batch(encoded, images, keys, skipped, origins, prefixes)
         elif skipped:
             yield {"skipped": dict(skipped)}  # a final report with no samples
 
-    def _regrouped(self, group: _Group, rng: random.Random, skipped: SkipCounter) -> Iterator[dict]:
-        """The group's samples sorted by length, cut into batches, in a random order; emptied."""
+    def _regrouped(self, group: _Group, rng: random.Random, skipped: SkipCounter, batch) -> Iterator[dict]:
+        """The group's samples sorted by length, cut into batches (made by ``batch``, a
+        :meth:`_batch`), in a random order; emptied."""
         order = sorted(range(len(group.keys)), key=lambda i: len(group.encoded[i][0]))
         size = self.cfg.batch_size
         chunks = [order[i : i + size] for i in range(0, len(order), size)]
         rng.shuffle(chunks)
         for chunk in chunks:
             prefixes = [group.prefixes[i] for i in chunk] if group.prefixes else []
-            yield self._batch(
+            yield batch(
                 [group.encoded[i] for i in chunk],
-                [group.pixels[i] for i in chunk],
+                [group.images[i] for i in chunk],
                 [group.keys[i] for i in chunk],
                 skipped,
                 {group.origins[i] for i in chunk},
@@ -366,18 +396,27 @@ class ShardStream(IterableDataset):
             )
         group.clear()
 
-    def _batch(self, encoded, pixels, keys, skipped: SkipCounter, origins: set[int], prefixes=()) -> dict:
+    def _batch(
+        self, encoded, images, keys, skipped: SkipCounter, origins: set[int], prefixes=(), skip_only: bool = False
+    ) -> dict:
+        # The index of the one source the batch came from, or -1 if it mixes sources: the
+        # trainer's time budget weighs each source's step time by its share of batches.
+        source = next(iter(origins)) if len(origins) == 1 else -1
+        if skip_only:  # a batch a resumed run has trained on: counted, not built
+            batch = {"skip_only": True, "keys": keys, "source": source, "skipped": dict(skipped)}
+            skipped.clear()
+            return batch
+        pixels = [self.processor.transform_images(ims, sample=k) for k, ims in enumerate(images)]
         batch = self.processor.collate(encoded, pixels)
         if prefixes:
+            prefixes = [self.prefix.get(*p) for p in prefixes]
             first = prefixes[0]
             prefix = first.new_zeros(len(prefixes), batch["input_ids"].shape[1], first.shape[-1])  # (B, S, D)
             for i, p in enumerate(prefixes):
                 prefix[i, : p.shape[0]] = p
             batch["prefix"] = prefix
         batch["keys"] = keys
-        # The index of the one source the batch came from, or -1 if it mixes sources: the
-        # trainer's time budget weighs each source's step time by its share of batches.
-        batch["source"] = next(iter(origins)) if len(origins) == 1 else -1
+        batch["source"] = source
         batch["skipped"] = dict(skipped)
         skipped.clear()
         return batch
@@ -398,4 +437,4 @@ def make_loader(
 
 def is_report_only(batch: dict) -> bool:
     """True for the end-of-stream message that only carries skip counts."""
-    return "input_ids" not in batch
+    return "input_ids" not in batch and not batch.get("skip_only")
