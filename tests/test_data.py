@@ -325,7 +325,7 @@ def test_a_resumed_epoch_skips_batches_without_building_them_and_then_goes_on_id
 
     full = epoch(0)
     assert len(full) == 14 and not any(b.get("skip_only") for b in full)
-    skip = 9
+    skip = 8  # with groups of 3 batches, the samples of the 9th were read while skipping: encoded again
     resumed = epoch(skip)
     assert [b["keys"] for b in resumed] == [b["keys"] for b in full]  # the same batches in the same order
     placeholders = [i for i, b in enumerate(resumed) if b.get("skip_only")]

@@ -19,8 +19,8 @@ drawn from forever.
 
 A resumed run skips the batches it already trained on: ``set_epoch(epoch, skip_batches=n)``
 makes each worker read, decode and tokenise them exactly as before (so every later draw
-and skip decision is the same) but not transform their images, read their prefixes or
-send them whole; they arrive as ``{"skip_only": True, ...}`` placeholders, which the
+and skip decision is the same) but not transform their images, read their cached prefixes
+or send them whole; they arrive as ``{"skip_only": True, ...}`` placeholders, which the
 consumer counts and drops.
 """
 
@@ -139,14 +139,22 @@ class _Group:
         self.clear()
 
     def clear(self) -> None:
-        self.encoded, self.images, self.keys, self.prefixes, self.origins = [], [], [], [], []
+        self.encoded, self.pixels, self.keys, self.prefixes, self.origins = [], [], [], [], []
 
-    def add(self, encoded, images, keys, prefixes, origin: int) -> None:
+    def add(self, encoded, pixels, keys, prefixes, origin: int) -> None:
         self.encoded += encoded
-        self.images += images
+        self.pixels += pixels
         self.keys += keys
         self.prefixes += prefixes
         self.origins += [origin] * len(keys)
+
+
+@dataclass
+class _Deferred:
+    """A sample encoded without its image tensors (in a batch a resumed run skips, most likely)."""
+
+    raw: dict
+    source: SourceConfig
 
 
 @dataclass
@@ -263,22 +271,26 @@ class ShardStream(IterableDataset):
             random.Random(f"{self.cfg.seed}-{self.epoch}-{index}-{self.rank}-{worker}").shuffle(mine)
         return mine
 
-    def _encode(self, raw: dict, source: SourceConfig) -> tuple[list[int], list[int], list[Image.Image], bool]:
-        """``(ids, labels, images, truncated)`` of one sample, or an exception saying why not.
-        The images are decoded and in RGB; :meth:`_batch` transforms them (a fixed resize and
-        normalisation that cannot fail), unless the batch is one a resumed run skips."""
+    def _encode(
+        self, raw: dict, source: SourceConfig, transform: bool = True
+    ) -> tuple[list[int], list[int], list[torch.Tensor] | _Deferred, bool]:
+        """``(ids, labels, pixels, truncated)`` of one sample, or an exception saying why not.
+        ``transform=False``: the images are decoded and checked as the transform would, but
+        not transformed; ``pixels`` is then a :class:`_Deferred` that :meth:`_batch` encodes
+        again if the sample is trained on after all."""
         example = decode_sample(raw, source.kind, self.cfg.max_pixels)
         ids, labels = self.processor.encode(example_segments(self.processor, example))
         # The prefix cache builds its ids with this same path (prefix_cache.encode_for_cache).
         ids, labels, truncated = fit_tokens(ids, labels, source.max_tokens)
         # Only the images whose marker survived a cut are transformed and fed.
         n_images = sum(t == self.processor.image_token_id for t in ids)
-        images = []
-        for j, image in enumerate(example.images[:n_images]):
+        if transform:
+            return ids, labels, self.processor.transform_images(example.images[:n_images]), truncated
+        for j, image in enumerate(example.images[:n_images]):  # what Processor.transform_images could fail on
             if not isinstance(image, Image.Image):
                 raise TypeError(f"image {j}: expected a PIL image, got {type(image).__name__}")
-            images.append(image.convert("RGB"))
-        return ids, labels, images, truncated
+            image.convert("RGB")
+        return ids, labels, _Deferred(raw, source), truncated
 
     def _dropped(self, source: _Source) -> str:
         """Names a barren source and why, in a warning now (and in the error if none is left)."""
@@ -305,7 +317,8 @@ class ShardStream(IterableDataset):
         # Batch k of the epoch comes from worker k % workers while all have batches left (the
         # DataLoader takes them in turn; one that has run out is passed over, so the others
         # give more of the first ones): each worker's first skip_batches // workers batches
-        # are always among those skipped.
+        # are always among those skipped. Samples read meanwhile are not transformed; the
+        # few of them that length grouping puts into later batches are encoded again there.
         skip_left = self.skip_batches // workers
 
         def batch(*parts) -> dict:
@@ -314,7 +327,7 @@ class ShardStream(IterableDataset):
             skip_left -= skip_only
             return self._batch(*parts, skip_only=skip_only)
 
-        encoded, images, keys, prefixes, batches = [], [], [], [], 0
+        encoded, pixels, keys, prefixes, batches = [], [], [], [], 0
         origins: set[int] = set()  # the sources in the batch being filled
         groups: dict[int, _Group] = {}  # group_by_length: full batches held, by source (-1: mixed)
         dropped: list[str] = []
@@ -334,7 +347,7 @@ class ShardStream(IterableDataset):
                 continue
             reason = None
             try:
-                ids, labels, ims, truncated = self._encode(raw, source.config)
+                ids, labels, px, truncated = self._encode(raw, source.config, transform=skip_left == 0)
             except MemoryError:
                 raise
             except Exception as e:  # whatever one sample provokes is that sample's problem, not the run's
@@ -354,26 +367,26 @@ class ShardStream(IterableDataset):
             if self.prefix is not None:  # read with its batch (a mismatch is the run's problem: it raises)
                 prefixes.append((raw["__shard_url__"], source.index, raw["__key__"], ids))
             encoded.append((ids, labels))
-            images.append(ims)
+            pixels.append(px)
             keys.append(raw.get("__key__", ""))
             origins.add(source.index)
             if len(encoded) == self.cfg.batch_size:
                 if self.cfg.group_by_length > 1:
                     origin = next(iter(origins)) if len(origins) == 1 else -1  # -1: a mixed batch
                     group = groups.setdefault(origin, _Group())
-                    group.add(encoded, images, keys, prefixes, origin)
+                    group.add(encoded, pixels, keys, prefixes, origin)
                     if len(group.keys) == self.cfg.batch_size * self.cfg.group_by_length:
                         yield from self._regrouped(group, rng, skipped, batch)
                 else:
-                    yield batch(encoded, images, keys, skipped, origins, prefixes)
-                encoded, images, keys, prefixes, batches = [], [], [], [], batches + 1
+                    yield batch(encoded, pixels, keys, skipped, origins, prefixes)
+                encoded, pixels, keys, prefixes, batches = [], [], [], [], batches + 1
                 origins, current = set(), None
         for group in groups.values():  # the last, partly filled groups: whole batches still
             yield from self._regrouped(group, rng, skipped, batch)
         if dropped and not sources:
             raise RuntimeError("no usable samples from any data source: " + "; ".join(dropped))
         if encoded and not self.cfg.drop_last and batches < limit:
-            yield batch(encoded, images, keys, skipped, origins, prefixes)
+            yield batch(encoded, pixels, keys, skipped, origins, prefixes)
         elif skipped:
             yield {"skipped": dict(skipped)}  # a final report with no samples
 
@@ -388,7 +401,7 @@ class ShardStream(IterableDataset):
             prefixes = [group.prefixes[i] for i in chunk] if group.prefixes else []
             yield batch(
                 [group.encoded[i] for i in chunk],
-                [group.images[i] for i in chunk],
+                [group.pixels[i] for i in chunk],
                 [group.keys[i] for i in chunk],
                 skipped,
                 {group.origins[i] for i in chunk},
@@ -397,7 +410,7 @@ class ShardStream(IterableDataset):
         group.clear()
 
     def _batch(
-        self, encoded, images, keys, skipped: SkipCounter, origins: set[int], prefixes=(), skip_only: bool = False
+        self, encoded, pixels, keys, skipped: SkipCounter, origins: set[int], prefixes=(), skip_only: bool = False
     ) -> dict:
         # The index of the one source the batch came from, or -1 if it mixes sources: the
         # trainer's time budget weighs each source's step time by its share of batches.
@@ -406,7 +419,7 @@ class ShardStream(IterableDataset):
             batch = {"skip_only": True, "keys": keys, "source": source, "skipped": dict(skipped)}
             skipped.clear()
             return batch
-        pixels = [self.processor.transform_images(ims, sample=k) for k, ims in enumerate(images)]
+        pixels = [self._encode(p.raw, p.source)[2] if isinstance(p, _Deferred) else p for p in pixels]
         batch = self.processor.collate(encoded, pixels)
         if prefixes:
             prefixes = [self.prefix.get(*p) for p in prefixes]
