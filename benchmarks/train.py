@@ -113,7 +113,8 @@ def run(args, precision: str) -> dict:
         model, _ = build_model(cfg)
     model.to(device).train()
     opt = torch.optim.AdamW(param_groups(model, cfg.optim))
-    batch = fake_batch(model, args.batch_size, args.length, 224, device)
+    image_size = args.image_size or model.config.vision.image_size or 224  # the preset's: 320 px by default
+    batch = fake_batch(model, args.batch_size, args.length, image_size, device)
     bf16 = precision.startswith("bf16")
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
@@ -151,6 +152,7 @@ def run(args, precision: str) -> dict:
     peak = matmul_peak(device, torch.bfloat16 if bf16 else torch.float32)
     return {
         "precision": precision,
+        "image_size": image_size,
         "s_per_step": seconds,
         "samples_per_s": args.batch_size / seconds,
         "peak_mem_gib": peak_mem,
@@ -359,6 +361,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", nargs="+", default=["fp32", "bf16-frozen"])
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--length", type=int, default=64)
+    parser.add_argument("--image-size", type=int, help="image side in px (default: the model's, 320 for the default)")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--random-weights", action="store_true")
     parser.add_argument("--compare", action="store_true", help="issue #19's side-by-side figures")
@@ -373,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
         return grouping(args)
     rows = [run(args, p) for p in args.precision]
     print(
-        f"\ndevice {args.device}, batch {args.batch_size} x {args.length} tokens, 224 px, {torch.get_num_threads()} threads"
+        f"\ndevice {args.device}, batch {args.batch_size} x {args.length} tokens, {rows[0]['image_size']} px, "
+        f"{torch.get_num_threads()} threads"
     )
     print("| precision | s/step | samples/s | peak memory (GiB) | achieved TFLOP/s | matmul peak TFLOP/s | fraction |")
     print("| --- | --- | --- | --- | --- | --- | --- |")
