@@ -22,6 +22,8 @@ from vlm.quantize import (
     Fp16WeightLinear,
     Int8WeightLinear,
     PackedLinear,
+    PackedPatchEmbed,
+    PackedSelfAttention,
     apply_lm_weights,
     fast_encoder,
     fast_lm,
@@ -95,7 +97,9 @@ def test_fp16_weights_are_the_fp32_model_with_its_lm_weights_rounded(trained_mod
     assert isinstance(layer.mlp.down_proj, Fp16WeightLinear) and isinstance(fast.head.base, Fp16WeightLinear)
     blocks = [layer.xattn for layer in fast.decoder_layers() if layer.xattn is not None]
     assert blocks and all(isinstance(b.to_q, Fp16WeightLinear) == adapter for b in blocks)
-    assert all(type(b.to_kv) is nn.Linear for b in blocks)  # run once per image: kept
+    # Run once per image: float32 weights kept, in oneDNN's layout with the adapter converted.
+    kv = PackedLinear if adapter and packed_fp32_supported() else nn.Linear
+    assert all(type(b.to_kv) is kv for b in blocks)
     # The oracle: the same model in plain fp32 with the same weights rounded to fp16.
     rounded = fast_lm(model, "float32")
     with torch.no_grad():
@@ -244,6 +248,48 @@ def test_packed_linear_is_float32_linear_up_to_rounding():
 
 
 @needs_onednn
+def test_packed_self_attention_is_multihead_attention_up_to_rounding():
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(32, 4, batch_first=True).eval()
+    packed = PackedSelfAttention(mha)
+    x, other = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
+    causal = torch.triu(torch.ones(7, 7, dtype=torch.bool), 1)  # nn.MultiheadAttention: True masks out
+    additive = torch.randn(2 * 4, 7, 7)  # one float mask per sample and head
+    with torch.inference_mode():
+        for mask in (None, causal, additive):
+            expected = mha(x, x, x, need_weights=False, attn_mask=mask)[0]
+            got, weights = packed(x, x, x, need_weights=False, attn_mask=mask)
+            assert weights is None
+            torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+        # Calls it was not built for run nn.MultiheadAttention on the same weights.
+        out, weights = packed(x, other, other)
+        expected, expected_weights = mha(x, other, other)
+        torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(weights, expected_weights, rtol=1e-5, atol=1e-5)
+    # Gradients reach the input through the plain layout.
+    x.requires_grad_(True)
+    packed(x, x, x, need_weights=False)[0].square().sum().backward()
+    ref = x.detach().clone().requires_grad_(True)
+    mha(ref, ref, ref, need_weights=False)[0].square().sum().backward()
+    torch.testing.assert_close(x.grad, ref.grad, rtol=1e-5, atol=1e-5)
+    assert not PackedSelfAttention.fits(nn.MultiheadAttention(32, 4))  # sequence first: left alone
+
+
+@needs_onednn
+def test_packed_patch_embed_is_the_strided_convolution_up_to_rounding():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(3, 16, kernel_size=(4, 8), stride=(4, 8), bias=True)
+    packed = PackedPatchEmbed(conv)
+    with torch.inference_mode():
+        for size in ((32, 32), (35, 43)):  # the second leaves rows and columns that no patch covers
+            x = torch.randn(2, 3, *size)
+            torch.testing.assert_close(packed(x), conv(x), rtol=1e-5, atol=1e-5)
+    assert not PackedPatchEmbed.fits(nn.Conv2d(3, 16, 3, stride=2))
+    assert not PackedPatchEmbed.fits(nn.Conv2d(3, 16, 1))  # pointwise convolutions stay convolutions
+    assert not PackedPatchEmbed.fits(nn.Conv2d(3, 16, 4, stride=4, padding=1))
+
+
+@needs_onednn
 def test_packed_float32_path_is_the_float32_model(trained_model):
     model, processor = trained_model("llama")
     batch = _batch(processor)
@@ -256,8 +302,9 @@ def test_packed_float32_path_is_the_float32_model(trained_model):
     assert blocks and all(isinstance(b.to_q, PackedLinear) and isinstance(b.to_kv, PackedLinear) for b in blocks)
     assert any(isinstance(m, PackedLinear) for m in fast.resampler.modules())
     assert any(isinstance(m, PackedLinear) for m in fast.vision.modules())  # the tower's MLPs
-    attention = [m for m in fast.vision.modules() if isinstance(m, nn.MultiheadAttention)]
-    assert attention and not any(isinstance(m.out_proj, PackedLinear) for m in attention)  # reads its own weights
+    assert not any(isinstance(m, (nn.MultiheadAttention, nn.Conv2d)) for m in fast.vision.modules())
+    assert any(isinstance(m, PackedSelfAttention) for m in fast.vision.modules())
+    assert any(isinstance(m, PackedPatchEmbed) for m in fast.vision.modules())
     assert all(p.dtype == torch.float32 for p in fast.parameters())
     torch.testing.assert_close(_logits(fast, batch), _logits(model, batch), rtol=1e-4, atol=1e-4)
     assert _tokens(fast, batch) == _tokens(model, batch)

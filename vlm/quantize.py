@@ -184,6 +184,9 @@ class PackedLinear(nn.Module):
     49,152 × 576 at 8 rows ran 3× slower than this), so decoding in float32 gains most;
     ``benchmarks/kernels.py --formats fp32 fp32-packed`` measures it per layer."""
 
+    input_dtype = torch.float32
+    """What the layer computes in (:class:`vlm.xattn.GatedCrossAttentionBlock` casts the latents to it)."""
+
     def __init__(self, linear: nn.Linear):
         super().__init__()
         if not packed_fp32_supported():
@@ -219,6 +222,114 @@ class PackedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weights=float32 (oneDNN layout)"
+
+
+class PackedSelfAttention(nn.Module):
+    """A frozen ``nn.MultiheadAttention`` (batch first) called as self-attention, as the
+    blocks of open_clip's vision towers call it: the input and output projections become
+    :class:`PackedLinear` (one product for queries, keys and values) and the attention runs
+    in ``F.scaled_dot_product_attention``. float32 throughout; only the order of the sums
+    changes. Any other call (query, key and value not one tensor, a key padding mask,
+    attention weights asked for, gradients) runs ``nn.MultiheadAttention`` on the weights
+    unpacked, slower but the same."""
+
+    def __init__(self, mha: nn.MultiheadAttention):
+        super().__init__()
+        if not self.fits(mha):
+            raise ValueError(
+                "PackedSelfAttention needs a batch-first nn.MultiheadAttention without extra key/value biases"
+            )
+        self.embed_dim, self.num_heads = mha.embed_dim, mha.num_heads
+        qkv = nn.Linear(mha.embed_dim, 3 * mha.embed_dim, bias=mha.in_proj_bias is not None, device="meta")
+        qkv.weight = nn.Parameter(mha.in_proj_weight.detach().float(), requires_grad=False)
+        if mha.in_proj_bias is not None:
+            qkv.bias = nn.Parameter(mha.in_proj_bias.detach().float(), requires_grad=False)
+        self.qkv, self.out_proj = PackedLinear(qkv), PackedLinear(mha.out_proj)
+
+    @staticmethod
+    def fits(mha: nn.Module) -> bool:
+        return (
+            isinstance(mha, nn.MultiheadAttention)
+            and mha.batch_first
+            and mha._qkv_same_embed_dim
+            and mha.bias_k is None
+            and not mha.add_zero_attn
+            and mha.dropout == 0.0
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        plain = not (query is key and key is value) or key_padding_mask is not None or need_weights or is_causal
+        if plain or query.dim() != 3 or (torch.is_grad_enabled() and query.requires_grad):
+            return self.unpacked()(
+                query, key, value, key_padding_mask, need_weights, attn_mask, average_attn_weights, is_causal
+            )
+        b, n, d = query.shape
+        q, k, v = self.qkv(query).view(b, n, 3, self.num_heads, d // self.num_heads).permute(2, 0, 3, 1, 4)
+        if attn_mask is not None:
+            # nn.MultiheadAttention: True masks a key out, (N*heads, L, S) per head; SDPA: True lets it in.
+            attn_mask = attn_mask.logical_not() if attn_mask.dtype == torch.bool else attn_mask.to(q.dtype)
+            if attn_mask.dim() == 3:
+                attn_mask = attn_mask.view(b, self.num_heads, n, n)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)  # (B, H, N, hd)
+        return self.out_proj(out.transpose(1, 2).reshape(b, n, d)), None
+
+    def unpacked(self) -> nn.MultiheadAttention:
+        """The layer as ``nn.MultiheadAttention``, with its weights in the usual layout (a copy)."""
+        bias = self.qkv.bias is not None
+        mha = nn.MultiheadAttention(self.embed_dim, self.num_heads, bias=bias, batch_first=True, device="meta")
+        mha.in_proj_weight = nn.Parameter(self.qkv.weight, requires_grad=False)
+        mha.out_proj.weight = nn.Parameter(self.out_proj.weight, requires_grad=False)
+        if bias:
+            mha.in_proj_bias = nn.Parameter(self.qkv.bias.clone(), requires_grad=False)
+            mha.out_proj.bias = nn.Parameter(self.out_proj.bias.clone(), requires_grad=False)
+        return mha.eval()
+
+
+class PackedPatchEmbed(nn.Module):
+    """A frozen ``nn.Conv2d`` whose stride equals its kernel (a ViT's patch embedding) as
+    one :class:`PackedLinear` product over the flattened patches, instead of a convolution:
+    float32, the same sums in another order. Returns (B, C_out, H / p, W / p) like the
+    convolution (a strided view)."""
+
+    def __init__(self, conv: nn.Conv2d):
+        super().__init__()
+        if not self.fits(conv):
+            raise ValueError("PackedPatchEmbed needs an nn.Conv2d with stride equal to its kernel and no padding")
+        self.kernel, self.out_channels = tuple(conv.kernel_size), conv.out_channels
+        linear = nn.Linear(conv.weight[0].numel(), conv.out_channels, bias=conv.bias is not None, device="meta")
+        linear.weight = nn.Parameter(conv.weight.detach().float().reshape(conv.out_channels, -1), requires_grad=False)
+        if conv.bias is not None:
+            linear.bias = nn.Parameter(conv.bias.detach().float(), requires_grad=False)
+        self.linear = PackedLinear(linear)
+
+    @staticmethod
+    def fits(conv: nn.Module) -> bool:
+        return (
+            type(conv) is nn.Conv2d  # not subclasses such as timm's Conv2dSame, which pad in forward
+            and conv.padding_mode == "zeros"
+            and max(conv.kernel_size) > 1
+            and tuple(conv.stride) == tuple(conv.kernel_size)
+            and tuple(conv.padding) == (0, 0)
+            and tuple(conv.dilation) == (1, 1)
+            and conv.groups == 1
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        (ph, pw), (b, c, h, w) = self.kernel, x.shape
+        gh, gw = h // ph, w // pw  # as the convolution, rows and columns past the last whole patch are dropped
+        patches = x[:, :, : gh * ph, : gw * pw].reshape(b, c, gh, ph, gw, pw).permute(0, 2, 4, 1, 3, 5)
+        out = self.linear(patches.reshape(b * gh * gw, c * ph * pw))
+        return out.view(b, gh, gw, self.out_channels).permute(0, 3, 1, 2)
 
 
 class Int8WeightLinear(nn.Module):
@@ -290,13 +401,18 @@ def apply_lm_weights(model: VLM, weights: str | None = "auto") -> VLM:
 
 def _adapter_swaps(layers, kind: type[nn.Module]) -> dict[int, nn.Module]:
     """The cross-attention blocks' linear layers of ``layers`` as ``kind``. Under fp16 the
-    keys and values, computed once per image, keep float32 weights."""
-    return {
-        id(module): kind(module)
-        for block in (layer.xattn for layer in layers if layer.xattn is not None)
-        for name, module in block.named_modules()
-        if isinstance(module, nn.Linear) and (name != "to_kv" or kind is PackedLinear)
-    }
+    keys and values, computed once per image, keep float32 weights (in oneDNN's layout
+    where PyTorch has it)."""
+    swap: dict[int, nn.Module] = {}
+    for block in (layer.xattn for layer in layers if layer.xattn is not None):
+        for name, module in block.named_modules():
+            if not isinstance(module, nn.Linear):
+                continue
+            if name != "to_kv" or kind is PackedLinear:
+                swap[id(module)] = kind(module)
+            elif packed_fp32_supported():
+                swap[id(module)] = PackedLinear(module)
+    return swap
 
 
 def _frozen_lm_linears(model: VLM) -> dict[str, nn.Linear]:
@@ -412,9 +528,11 @@ def fast_encoder(model: VLM, dtype: torch.dtype = torch.bfloat16, *, copy: bool 
     latents come out in ``dtype``; the cross-attention blocks cast them to their own dtype
     when they compute keys and values. The outputs change by bf16's rounding (quality gates:
     ``benchmarks/generate.py --gates``); the resampler's weights no longer train.
-    ``torch.float32``: the image side stays float32, its linear layers become
-    :class:`PackedLinear` (those inside ``nn.MultiheadAttention``, which reads its weights
-    itself, excepted). ``copy=False`` changes ``model`` itself and returns it."""
+    ``torch.float32``: the image side stays float32 and its products take oneDNN's layout:
+    linear layers become :class:`PackedLinear`, self-attention layers
+    (``nn.MultiheadAttention``, as in open_clip's towers) :class:`PackedSelfAttention`, a
+    patch embedding :class:`PackedPatchEmbed`. ``copy=False`` changes ``model`` itself and
+    returns it."""
     import copy as _copy
 
     out = _copy.deepcopy(model) if copy else model
@@ -422,14 +540,21 @@ def fast_encoder(model: VLM, dtype: torch.dtype = torch.bfloat16, *, copy: bool 
         out.vision.to(dtype)
         out.resampler.to(dtype)
         return out
+    swap: dict[int, nn.Module] = {}
+    for side in (out.vision, out.resampler):
+        for m in side.modules():
+            if PackedSelfAttention.fits(m):
+                swap[id(m)] = PackedSelfAttention(m)
+            elif PackedPatchEmbed.fits(m):
+                swap[id(m)] = PackedPatchEmbed(m)
+    # Layers inside an nn.MultiheadAttention: it reads their weights itself.
     inside_mha = {
-        id(m) for mha in out.vision.modules() if isinstance(mha, nn.MultiheadAttention) for m in mha.modules()
-    }
-    swap = {
-        id(m): PackedLinear(m)
-        for side in (out.vision, out.resampler)
-        for m in side.modules()
-        if isinstance(m, nn.Linear) and id(m) not in inside_mha
-    }
+        id(m) for side in (out.vision, out.resampler) for mha in side.modules()
+        if isinstance(mha, nn.MultiheadAttention) for m in mha.modules()
+    }  # fmt: skip
+    for side in (out.vision, out.resampler):
+        for m in side.modules():
+            if isinstance(m, nn.Linear) and id(m) not in inside_mha:
+                swap[id(m)] = PackedLinear(m)
     _replace_modules(out, swap)
     return out

@@ -135,7 +135,8 @@ class GatedCrossAttentionBlock(nn.Module):
 
     def media_kv(self, latents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Keys and values over all latents: (B, T, L, D_media) → 2 × (B, H, T*L, hd)."""
-        latents = latents.flatten(1, 2).to(self.to_kv.weight.dtype)
+        # A layer converted for inference names its input dtype (its .weight would be a copy).
+        latents = latents.flatten(1, 2).to(getattr(self.to_kv, "input_dtype", None) or self.to_kv.weight.dtype)
         k, v = (t.unflatten(-1, (self.heads, -1)).transpose(1, 2) for t in self.to_kv(latents).chunk(2, dim=-1))
         return self.k_norm(k), v
 
