@@ -85,9 +85,9 @@ FAST_PATHS = {  # name: (LM weights, head, adapter) for vlm.quantize.fast_lm, an
     "fp16w": ("float16", "float16", False, None),
     "fp16w-xattn": ("float16", "float16", True, None),  # + the cross-attention blocks
     "fp16w-xattn-bf16enc": ("float16", "float16", True, torch.bfloat16),  # + vision tower and resampler in bf16
-    # + their linear layers in oneDNN's float32 layout: the apps' default (lm_weights="auto")
+    # + the image side's products (linear, attention, patch embedding) in oneDNN's float32 layout: the apps' default
     "fp16w-xattn-packenc": ("float16", "float16", True, torch.float32),
-    "fp32-packed": ("float32-packed", "float32-packed", True, torch.float32),  # float32, every linear in that layout
+    "fp32-packed": ("float32-packed", "float32-packed", True, torch.float32),  # float32, every product in that layout
     "bf16": ("bfloat16", "float32", False, None),
     "bf16-head-bf16": ("bfloat16", "bfloat16", False, None),
     "int8": ("int8", "int8", False, None),
