@@ -2,6 +2,7 @@
 Linear probes on the bundled model's features of synthetic sketches.
 
     .venv/bin/python experiments/probe_sketch.py [--model DIR] [--train 1500] [--test 300] [--latents-only]
+    .venv/bin/python experiments/probe_sketch.py --faults [--sizes 320 512] [--train 1500] [--test 400]
 
 Targets come from each page's layout (no shards needed):
 - band kind: for each row of the token grid, the kind of the top-level block drawn
@@ -10,6 +11,12 @@ Targets come from each page's layout (no shards needed):
   size and at twice it (four times the tokens), to see what a finer grid would add.
 - block count and the kinds of the first four <main> blocks (or "none"), per page,
   from every grid row's features side by side, or from all resampler latents.
+- ``--faults``: the details a sketch model still gets wrong late in training, per
+  top-level block, from the vision tokens at each of ``--sizes``: a heading's level (h1 or
+  h2, from the grid row through its centre, averaged across the width), a list's item
+  count (2-5, from the rows from its top down, each averaged across the width, as many as
+  five items can cover) and a nav's link count (2-5, from the tokens of the row through
+  its centre, side by side).
 Probes are linear classifiers trained with Adam on standardised features (seeded): the
 probe of probe_colour.py beside this file (run both as scripts); sketches are train
 pages 0.. and test pages 0.. .
@@ -18,14 +25,15 @@ pages 0.. and test pages 0.. .
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 from probe_colour import probe
 
 from vlm import load_model
 
-# _height is the page grammar's own block height (no public name for it yet).
-from vlm_train.data.sketch2html import GAP, INNER, MARGIN, SKETCH_SIZE, _height, page_at
+# _height and _ITEM_H are the page grammar's own block sizes (no public names for them yet).
+from vlm_train.data.sketch2html import _ITEM_H, GAP, INNER, MARGIN, SKETCH_SIZE, _height, page_at
 
 KINDS = (
     "empty",
@@ -58,6 +66,15 @@ def band_kinds(layout, rows: int) -> list[int]:
     return out
 
 
+def spans(layout):
+    """(block, top, bottom) of each top-level block, in sketch pixels."""
+    y = MARGIN
+    for block in layout:
+        h = _height(block, INNER)
+        yield block, y, y + h
+        y += h + GAP
+
+
 def page_targets(layout) -> tuple[int, list[int]]:
     main = [KINDS.index(b.kind) for b in layout if b.kind not in CHROME]
     return len(main), (main + [0] * FIRST)[:FIRST]
@@ -84,6 +101,53 @@ def latents(model, processor, images) -> torch.Tensor:
     return torch.cat(out)
 
 
+def _row(y: float, side: int) -> int:
+    """The grid row (of ``side``) holding sketch height ``y``."""
+    return min(side - 1, int(y * side / SKETCH_SIZE[1]))
+
+
+@torch.no_grad()
+def fault_features(model, pages, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per target of ``--faults``: (features, class) of every top-level block it applies to."""
+    out = {"heading level (h1 or h2)": ([], []), "list item count (2-5)": ([], []), "nav link count (2-5)": ([], [])}
+    heading, items, links = out.values()
+    dtype = next(model.vision.parameters()).dtype
+    for i in range(0, len(pages), 20):
+        chunk = pages[i : i + 20]
+        px = torch.stack([_to_tensor(p.sketch.resize((size, size), resample=3)) for p in chunk])
+        tokens = model.vision(px[:, None].to(dtype))[:, 0].float()
+        side = int(tokens.shape[1] ** 0.5)
+        grids = tokens.reshape(len(chunk), side, side, -1)
+        list_rows = math.ceil(5 * _ITEM_H * side / SKETCH_SIZE[1]) + 1
+        for page, grid in zip(chunk, grids):
+            for block, top, bottom in spans(page.layout):
+                if block.kind == "heading" and block.level in (1, 2):
+                    heading[0].append(grid[_row((top + bottom) / 2, side)].mean(0))
+                    heading[1].append(block.level - 1)
+                elif block.kind == "list":
+                    rows = grid[_row(top, side) : _row(top, side) + list_rows].mean(1)
+                    rows = torch.cat([rows, rows.new_zeros(list_rows - len(rows), rows.shape[1])])
+                    items[0].append(rows.flatten())
+                    items[1].append(len(block.items) - 2)
+                elif block.kind == "nav":
+                    links[0].append(grid[_row((top + bottom) / 2, side)].flatten())
+                    links[1].append(len(block.items) - 2)
+    return {k: (torch.stack(x), torch.tensor(y)) for k, (x, y) in out.items()}
+
+
+def faults(model, pages, sizes: list[int]) -> None:
+    print("| target | image size | grid | train / test blocks | test accuracy | most common class |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for size in sizes:
+        train, test = fault_features(model, pages["train"], size), fault_features(model, pages["test"], size)
+        for name, (x, y) in train.items():
+            tx, ty = test[name]
+            acc = probe(x, y, tx, ty, int(y.max()) + 1)
+            side = size // 32
+            print(f"| {name} | {size} px | {side} × {side} | {len(y)} / {len(ty)} | {acc:.1%} | {baseline(y, ty):.1%} |",
+                  flush=True)  # fmt: skip
+
+
 def baseline(train_y: torch.Tensor, test_y: torch.Tensor) -> float:
     """Accuracy of always answering the train set's most common class."""
     return (test_y == train_y.mode().values).float().mean().item()
@@ -101,6 +165,9 @@ def main() -> None:
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--latents-only", action="store_true",
                     help="skip the vision-token probes (the tower is frozen: they are the same for every checkpoint)")  # fmt: skip
+    ap.add_argument("--faults", action="store_true",
+                    help="probe heading levels and item counts from the vision tokens instead (see above)")  # fmt: skip
+    ap.add_argument("--sizes", type=int, nargs="+", default=[320, 512], help="image sizes for --faults")
     args = ap.parse_args()
     model, processor = load_model(args.model, verbose=False)
     model.eval()
@@ -108,6 +175,9 @@ def main() -> None:
     pages = {s: [page_at(s, i) for i in range(n)] for s, n in (("train", args.train), ("test", args.test))}
     images = {s: [p.sketch for p in ps] for s, ps in pages.items()}
     print(f"linear probes on sketches, {args.train} train / {args.test} test pages")
+    if args.faults:
+        faults(model, pages, args.sizes)
+        return
     print("| target | features | width | test accuracy | most common class |\n| --- | --- | --- | --- | --- |")
     feats = {}
     for px in () if args.latents_only else (size, 2 * size):
