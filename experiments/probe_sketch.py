@@ -53,19 +53,6 @@ CHROME = ("header", "nav", "footer")  # the blocks outside <main>
 FIRST = 4  # main blocks probed by position
 
 
-def band_kinds(layout, rows: int) -> list[int]:
-    spans, y = [], MARGIN
-    for block in layout:
-        h = _height(block, INNER)
-        spans.append((y, y + h, KINDS.index(block.kind)))
-        y += h + GAP
-    out = []
-    for r in range(rows):
-        centre = (r + 0.5) * SKETCH_SIZE[1] / rows
-        out.append(next((k for top, bottom, k in spans if top <= centre < bottom), 0))
-    return out
-
-
 def spans(layout):
     """(block, top, bottom) of each top-level block, in sketch pixels."""
     y = MARGIN
@@ -73,6 +60,15 @@ def spans(layout):
         h = _height(block, INNER)
         yield block, y, y + h
         y += h + GAP
+
+
+def band_kinds(layout, rows: int) -> list[int]:
+    kinds = [(top, bottom, KINDS.index(block.kind)) for block, top, bottom in spans(layout)]
+    out = []
+    for r in range(rows):
+        centre = (r + 0.5) * SKETCH_SIZE[1] / rows
+        out.append(next((k for top, bottom, k in kinds if top <= centre < bottom), 0))
+    return out
 
 
 def page_targets(layout) -> tuple[int, list[int]]:
