@@ -185,6 +185,7 @@ class OutputHead(nn.Module):
         self.tied = tied
         self.new_rows = None if tied else nn.Parameter(embedding.new_rows.detach().clone())
         self.vocab_size = vocab_size or embedding.vocab_size
+        self._follows: dict[int, bool] = {}  # LM vocabulary size -> whether the added ids follow it
         if int(embedding.new_ids.max()) >= self.vocab_size:
             raise ValueError(
                 f"added token ids reach {int(embedding.new_ids.max())}, beyond vocab_size {self.vocab_size}"
@@ -192,12 +193,25 @@ class OutputHead(nn.Module):
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.base(hidden)  # (..., V_lm)
+        emb = self.embedding[0]
+        rows = emb.new_rows if self.tied else self.new_rows
+        new = (hidden.to(rows.dtype) @ rows.t()).to(logits.dtype)  # (..., K)
+        if self._follow(logits.shape[-1]):
+            # The added ids come right after the LM's and end the vocabulary: one copy of the
+            # scores, where padding then index_copy makes two (benchmarks: docs/serving.md).
+            return torch.cat([logits, new], dim=-1)
         extra = self.vocab_size - logits.shape[-1]
         if extra > 0:
             logits = nn.functional.pad(logits, (0, extra), value=torch.finfo(logits.dtype).min)
         elif extra < 0:
             logits = logits[..., : self.vocab_size]
-        emb = self.embedding[0]
-        rows = emb.new_rows if self.tied else self.new_rows
-        new = hidden.to(rows.dtype) @ rows.t()  # (..., K)
-        return logits.index_copy(-1, emb.new_ids, new.to(logits.dtype))
+        return logits.index_copy(-1, emb.new_ids, new)
+
+    def _follow(self, lm_vocab: int) -> bool:
+        """Whether the added ids are exactly ``lm_vocab, lm_vocab + 1, ... vocab_size - 1``."""
+        known = self._follows.get(lm_vocab)
+        if known is None:
+            ids = self.embedding[0].new_ids
+            expected = torch.arange(lm_vocab, self.vocab_size, device=ids.device)
+            known = self._follows[lm_vocab] = ids.shape == expected.shape and bool((ids == expected).all())
+        return known
