@@ -168,6 +168,36 @@ def test_bf16_encoder_changes_only_the_image_side(trained_model):
     assert fast_encoder(fast, copy=False) is fast
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_convolutional_tower_runs_channels_last(tiny_lm_dirs, dtype):
+    import dataclasses
+
+    import vlm
+    from vlm.config import VisionConfig
+    from vlm.tiny import tiny_config
+
+    if dtype == torch.float32 and not packed_fp32_supported():
+        pytest.skip("no oneDNN in this PyTorch build")
+    effnet = VisionConfig(kind="timm", name="tf_efficientnet_lite0", pretrained=None, image_size=64)
+    cfg = dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]), vision=effnet)
+    torch.manual_seed(0)
+    model, processor = vlm.create_model_and_transforms(cfg, verbose=False)
+    model.eval()
+    fast = fast_encoder(model, dtype)
+    convs = [m for m in fast.vision.modules() if isinstance(m, nn.Conv2d)]
+    assert len(convs) > 1 and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert not any(  # the copy's, not the original's
+        m.weight.is_contiguous(memory_format=torch.channels_last) and not m.weight.is_contiguous()
+        for m in model.vision.modules() if isinstance(m, nn.Conv2d)
+    )  # fmt: skip
+    px = torch.stack(processor.transform_images([shape_image("red"), shape_image("teal", "square")]))[:, None]
+    with torch.inference_mode():
+        ref, got = model.encode_images(px), fast.encode_images(px)
+    # float32: the same arithmetic in another order; bf16: a stated agreement.
+    tol = {torch.float32: 1e-4, torch.bfloat16: 0.05}[dtype]
+    assert float((got.float() - ref).norm() / ref.norm()) < tol
+
+
 def test_in_place_on_a_tied_lm_keeps_the_head_in_float32(make_model):
     model, processor = make_model("llama")
     lm = model.lm
