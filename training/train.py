@@ -391,6 +391,8 @@ def train(cfg: TrainConfig) -> dict:
     strategy = cfg.parallel.strategy if cfg.parallel.strategy != "auto" else ("ddp" if d.world_size > 1 else "none")
     if strategy != "none" and not d.enabled:
         raise ValueError(f"parallel.strategy {strategy!r} needs a process group: launch with torchrun")
+    if strategy != "fsdp":  # FSDP2 shards contiguous parameters only
+        core.vision.channels_last()  # frozen: only its layout changes, and a conv tower runs faster
     core.train()
     model = wrap(core, strategy, d, cfg.precision)
     optimizer = torch.optim.AdamW(param_groups(core, cfg.optim), betas=cfg.optim.betas, fused=False)

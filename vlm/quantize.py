@@ -521,17 +521,6 @@ class CastingLinear(nn.Linear):
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias)
 
 
-def _channels_last_convolutions(vision: nn.Module) -> None:
-    """A convolutional tower's (more than one ``nn.Conv2d``: not a ViT's patch embedding)
-    weights in channels-last memory format: each convolution then gives channels-last
-    activations, the layout oneDNN computes fastest on a CPU (``benchmarks/generate.py
-    --paths`` times image encodes)."""
-    convolutions = [m for m in vision.modules() if isinstance(m, nn.Conv2d)]
-    if len(convolutions) > 1:
-        for conv in convolutions:
-            conv.to(memory_format=torch.channels_last)
-
-
 def fast_encoder(model: VLM, dtype: torch.dtype = torch.bfloat16, *, copy: bool = True) -> VLM:
     """``model`` with its image side (the frozen vision tower and the resampler) in ``dtype``,
     for inference: encoding an image is matrix products over many rows, bound by arithmetic,
@@ -542,13 +531,13 @@ def fast_encoder(model: VLM, dtype: torch.dtype = torch.bfloat16, *, copy: bool 
     ``torch.float32``: the image side stays float32 and its products take oneDNN's layout:
     linear layers become :class:`PackedLinear`, self-attention layers
     (``nn.MultiheadAttention``, as in open_clip's towers) :class:`PackedSelfAttention`, a
-    patch embedding :class:`PackedPatchEmbed`. In either dtype a convolutional tower's
-    weights become channels-last, which oneDNN's convolutions run faster (only the order of
-    the sums changes). ``copy=False`` changes ``model`` itself and returns it."""
+    patch embedding :class:`PackedPatchEmbed`. In either dtype a convolutional tower runs
+    channels-last (:meth:`vlm.vision.VisionEncoder.channels_last`). ``copy=False`` changes
+    ``model`` itself and returns it."""
     import copy as _copy
 
     out = _copy.deepcopy(model) if copy else model
-    _channels_last_convolutions(out.vision)
+    out.vision.channels_last()
     if dtype != torch.float32:
         out.vision.to(dtype)
         out.resampler.to(dtype)

@@ -41,6 +41,17 @@ class VisionEncoder(nn.Module):
         self.with_last_stage = with_last_stage
         self.class_token = class_token
 
+    def channels_last(self) -> VisionEncoder:
+        """A convolutional tower's weights (more than one ``nn.Conv2d``: not a ViT, whose
+        patch embedding is one) in channels-last memory format, so each convolution gives
+        channels-last activations, the layout oneDNN's CPU convolutions run fastest. Only the
+        order of the sums changes. Returns ``self``."""
+        convolutions = [m for m in self.tower.modules() if isinstance(m, nn.Conv2d)]
+        if len(convolutions) > 1:
+            for conv in convolutions:
+                conv.to(memory_format=torch.channels_last)
+        return self
+
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         b, t = images.shape[:2]
         x = images.flatten(0, 1)  # (B*T, C, H, W)
