@@ -3,6 +3,7 @@ Linear probes on the bundled model's features of synthetic sketches.
 
     .venv/bin/python experiments/probe_sketch.py [--model DIR] [--train 1500] [--test 300] [--latents-only]
     .venv/bin/python experiments/probe_sketch.py --faults [--sizes 320 512] [--train 1500] [--test 400]
+    .venv/bin/python experiments/probe_sketch.py --faults --sizes 320 --preset sketch-stride16
 
 Targets come from each page's layout (no shards needed):
 - band kind: for each row of the token grid, the kind of the top-level block drawn
@@ -17,6 +18,9 @@ Targets come from each page's layout (no shards needed):
   count (2-5, from the rows from its top down, each averaged across the width, as many as
   five items can cover) and a nav's link count (2-5, from the tokens of the row through
   its centre, side by side).
+``--preset NAME`` probes the vision tokens of an architecture preset instead (the tower is
+frozen, so an untrained adapter does not matter to the vision-token probes; e.g.
+``sketch-stride16``: EfficientNet-Lite0's stride-16 stage, 20 × 20 tokens at 320 px).
 Probes are linear classifiers trained with Adam on standardised features (seeded): the
 probe of probe_colour.py beside this file (run both as scripts); sketches are train
 pages 0.. and test pages 0.. .
@@ -30,7 +34,7 @@ import math
 import torch
 from probe_colour import probe
 
-from vlm import load_model
+from vlm import create_model_and_transforms, load_model
 
 # _height and _ITEM_H are the page grammar's own block sizes (no public names for them yet).
 from vlm_train.data.sketch2html import _ITEM_H, GAP, INNER, MARGIN, SKETCH_SIZE, _height, page_at
@@ -103,8 +107,9 @@ def _row(y: float, side: int) -> int:
 
 
 @torch.no_grad()
-def fault_features(model, pages, size: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per target of ``--faults``: (features, class) of every top-level block it applies to."""
+def fault_features(model, pages, size: int) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], int]:
+    """Per target of ``--faults``: (features, class) of every top-level block it applies to;
+    and the side of the token grid."""
     out = {"heading level (h1 or h2)": ([], []), "list item count (2-5)": ([], []), "nav link count (2-5)": ([], [])}
     heading, items, links = out.values()
     dtype = next(model.vision.parameters()).dtype
@@ -128,18 +133,20 @@ def fault_features(model, pages, size: int) -> dict[str, tuple[torch.Tensor, tor
                 elif block.kind == "nav":
                     links[0].append(grid[_row((top + bottom) / 2, side)].flatten())
                     links[1].append(len(block.items) - 2)
-    return {k: (torch.stack(x), torch.tensor(y)) for k, (x, y) in out.items()}
+    return {k: (torch.stack(x), torch.tensor(y)) for k, (x, y) in out.items()}, side
 
 
 def faults(model, pages, sizes: list[int]) -> None:
     print("| target | image size | grid | train / test blocks | test accuracy | most common class |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size in sizes:
-        train, test = fault_features(model, pages["train"], size), fault_features(model, pages["test"], size)
+        (train, side), (test, _) = (
+            fault_features(model, pages["train"], size),
+            fault_features(model, pages["test"], size),
+        )
         for name, (x, y) in train.items():
             tx, ty = test[name]
             acc = probe(x, y, tx, ty, int(y.max()) + 1)
-            side = size // 32
             print(f"| {name} | {size} px | {side} × {side} | {len(y)} / {len(ty)} | {acc:.1%} | {baseline(y, ty):.1%} |",
                   flush=True)  # fmt: skip
 
@@ -157,6 +164,7 @@ def _to_tensor(image) -> torch.Tensor:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default=None, help="checkpoint folder (default: the bundled model)")
+    ap.add_argument("--preset", default=None, help="an architecture preset instead of --model (untrained adapter)")
     ap.add_argument("--train", type=int, default=1500)
     ap.add_argument("--test", type=int, default=300)
     ap.add_argument("--latents-only", action="store_true",
@@ -165,7 +173,10 @@ def main() -> None:
                     help="probe heading levels and item counts from the vision tokens instead (see above)")  # fmt: skip
     ap.add_argument("--sizes", type=int, nargs="+", default=[320, 512], help="image sizes for --faults")
     args = ap.parse_args()
-    model, processor = load_model(args.model, verbose=False)
+    if args.preset:
+        model, processor = create_model_and_transforms(args.preset, verbose=False)
+    else:
+        model, processor = load_model(args.model, verbose=False)
     model.eval()
     size = model.config.vision.image_size
     pages = {s: [page_at(s, i) for i in range(n)] for s, n in (("train", args.train), ("test", args.test))}

@@ -312,3 +312,31 @@ def test_output_head_scores_equal_the_padded_formula(new_ids):
         expected[..., new_ids] = hidden @ head.new_rows.t()
     assert head._follow(10) is (new_ids == [10, 11])
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
+def test_feature_stride_gives_a_finer_stage_on_its_own_grid(tiny_lm_dirs):
+    import dataclasses
+
+    from vlm.config import VisionConfig
+    from vlm.tiny import tiny_config
+
+    fine = VisionConfig(kind="timm", name="tf_efficientnet_lite0", pretrained=None, image_size=64, feature_stride=16)
+    cfg = dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]), vision=fine)
+    model, proc = vlm.create_model_and_transforms(cfg, verbose=False)
+    assert model.vision.width == 112  # EfficientNet-Lite0's stride-16 stage
+    px = torch.stack(proc.transform_images([shape_image("red"), shape_image("teal", "square")]))[:, None]
+    with torch.no_grad():
+        tokens = model.vision(px)
+        (stage,) = model.vision.tower.forward_intermediates(px[:, 0], indices=[3], intermediates_only=True)
+    assert tokens.shape == (2, 1, 16, 112)  # 64 px / 16 → a 4×4 grid
+    assert torch.equal(tokens, stage.flatten(2).transpose(1, 2)[:, None])
+    assert model.encode_images(px).shape[:2] == (2, 1)
+
+    for bad, match in (
+        (dataclasses.replace(fine, feature_stride=8 * 3), r"strides \[2, 4, 8, 16, 32\]"),
+        (dataclasses.replace(fine, with_last_stage=True), "with_last_stage false"),
+        (dataclasses.replace(fine, kind="open_clip", name="ViT-B-32"), "needs a timm conv net"),
+        (dataclasses.replace(fine, feature_stride=0), "positive integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            vlm.create_model_and_transforms(dataclasses.replace(cfg, vision=bad), verbose=False)

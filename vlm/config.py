@@ -96,6 +96,12 @@ class VisionConfig:
     head conv) after the head's. EfficientNet-Lite0's head loses colour: a linear probe
     reads easy-VQA shape colours from its mean-pooled output at 98.0 %, from the last
     stage's 320 channels at 99.7 %."""
+    feature_stride: int | None = None
+    """timm conv nets only: tokens from the last stage whose output has this stride,
+    instead of the head's, on that stage's finer grid (the tower stops there). 16 on
+    EfficientNet-Lite0: its 112-channel stage, 20 × 20 tokens at 320 px. Linear probes on
+    sketches read a heading's level, a list's item count and a row's block kind from those
+    far better than from the head's 10 × 10 grid (docs/experiments.md)."""
     class_token: bool = False
     """open_clip ViTs only: keep the class token in front of the patch tokens. IDEFICS's
     perceiver reads the whole last hidden state, class token included."""
@@ -105,6 +111,19 @@ class VisionConfig:
             raise ValueError(f"vision.kind must be 'timm' or 'open_clip', got {self.kind!r}")
         if self.with_last_stage and self.kind != "timm":
             raise ValueError("vision.with_last_stage needs a timm conv net (vision.kind 'timm')")
+        if self.feature_stride is not None:
+            if self.kind != "timm":
+                raise ValueError("vision.feature_stride needs a timm conv net (vision.kind 'timm')")
+            if self.with_last_stage:
+                raise ValueError("vision.feature_stride replaces the head's tokens: set vision.with_last_stage false")
+            if (
+                not isinstance(self.feature_stride, int)
+                or isinstance(self.feature_stride, bool)
+                or self.feature_stride < 1
+            ):
+                raise ValueError(
+                    f"vision.feature_stride must be a positive integer or null, got {self.feature_stride!r}"
+                )
         if self.class_token and self.kind != "open_clip":
             raise ValueError("vision.class_token needs an open_clip ViT (vision.kind 'open_clip')")
         if self.image_size is not None and self.image_size < 16:

@@ -32,6 +32,7 @@ class VisionEncoder(nn.Module):
         num_prefix_tokens: int = 0,
         with_last_stage: bool = False,
         class_token: bool = False,
+        feature_index: int | None = None,
     ):
         super().__init__()
         self.tower = tower
@@ -40,6 +41,7 @@ class VisionEncoder(nn.Module):
         self.num_prefix_tokens = num_prefix_tokens
         self.with_last_stage = with_last_stage
         self.class_token = class_token
+        self.feature_index = feature_index  # timm feature_info index of vision.feature_stride's stage
 
     def channels_last(self) -> VisionEncoder:
         """A convolutional tower's weights (more than one ``nn.Conv2d``: not a ViT, whose
@@ -64,6 +66,10 @@ class VisionEncoder(nn.Module):
             # Patch tokens of the last block (class token dropped), not the pooled embedding.
             out = self.tower.forward_intermediates(x, indices=1, intermediates_only=True, output_fmt="NCHW")
             feats = out["image_intermediates"][-1]
+        elif self.feature_index is not None:  # one stage's map, on its own grid; later stages never run
+            (feats,) = self.tower.forward_intermediates(
+                x, indices=[self.feature_index], intermediates_only=True, stop_early=True
+            )
         elif self.with_last_stage:  # head output, then the last stage's channels (same grid)
             head, (stage,) = self.tower.forward_intermediates(x, indices=1)
             feats = torch.cat([head, stage], dim=1)
@@ -104,12 +110,30 @@ def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]
                 f"vision.with_last_stage needs a timm conv net with forward_intermediates, not {cfg.name!r}"
             )
         width += model.feature_info[-1]["num_chs"]
+    if cfg.feature_stride is not None:
+        width = model.feature_info[_stride_index(model, cfg)]["num_chs"]
     return (
         model,
         whole_image_transform(size, data_cfg["mean"], data_cfg["std"]),
         width,
         getattr(model, "num_prefix_tokens", 0),
     )
+
+
+def _stride_index(model: nn.Module, cfg: VisionConfig) -> int:
+    """The index in a timm conv net's ``feature_info`` of the last stage whose output has
+    stride ``cfg.feature_stride``."""
+    info = getattr(model, "feature_info", None)
+    if (
+        not hasattr(model, "forward_intermediates")
+        or not isinstance(info, list)
+        or getattr(model, "num_prefix_tokens", 0)
+    ):
+        raise ValueError(f"vision.feature_stride needs a timm conv net with forward_intermediates, not {cfg.name!r}")
+    strides = [f["reduction"] for f in info]
+    if cfg.feature_stride not in strides:
+        raise ValueError(f"vision.feature_stride {cfg.feature_stride}: {cfg.name!r} has stages of strides {strides}")
+    return len(strides) - 1 - strides[::-1].index(cfg.feature_stride)
 
 
 def _to_rgb(image):
@@ -213,4 +237,5 @@ def create_vision_encoder(cfg: VisionConfig) -> tuple[VisionEncoder, ImageTransf
         torch.manual_seed(0)
         tower, transform, width, prefix = build(cfg)
     tower.eval()
-    return VisionEncoder(tower, cfg.kind, width, prefix, cfg.with_last_stage, cfg.class_token), transform
+    index = _stride_index(tower, cfg) if cfg.feature_stride is not None else None
+    return VisionEncoder(tower, cfg.kind, width, prefix, cfg.with_last_stage, cfg.class_token, index), transform
