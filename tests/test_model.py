@@ -293,24 +293,28 @@ def test_a_text_only_row_batched_with_images_is_as_alone(trained_model):
     )
 
 
-@pytest.mark.parametrize("new_ids", [[10, 11], [11, 10], [12, 14]])
-def test_output_head_scores_equal_the_padded_formula(new_ids):
+@pytest.mark.parametrize(
+    "new_ids, lm_vocab, head_rows", [([10, 11], 10, 10), ([11, 10], 10, 10), ([12, 14], 10, 10), ([8, 9], 8, 12)]
+)
+def test_output_head_scores_equal_the_padded_formula(new_ids, lm_vocab, head_rows):
     # [10, 11] follow the LM's 10 ids and take the single-copy path; the others need the
-    # padded index_copy (out of order, or a gap before and between the added ids).
+    # padded index_copy (out of order, or a gap before and between the added ids), or drop
+    # the scores of an LM head's padding rows (12 rows for a vocabulary of 10).
     from vlm.lm import OutputHead, TokenEmbedding
 
     torch.manual_seed(0)
-    base = torch.nn.Embedding(10, 6)
-    embedding = TokenEmbedding(base, new_ids)
-    head = OutputHead(torch.nn.Linear(6, 10, bias=False), embedding, tied=False, vocab_size=max(new_ids) + 1)
+    vocab = max(new_ids) + 1
+    embedding = TokenEmbedding(torch.nn.Embedding(lm_vocab, 6), new_ids)
+    head = OutputHead(torch.nn.Linear(6, head_rows, bias=False), embedding, tied=False, vocab_size=vocab)
     with torch.no_grad():
         head.new_rows.normal_()
         hidden = torch.randn(3, 4, 6)
         got = head(hidden)
-        expected = torch.full((3, 4, max(new_ids) + 1), torch.finfo(torch.float32).min)
-        expected[..., :10] = head.base(hidden)
+        expected = torch.full((3, 4, max(vocab, head_rows)), torch.finfo(torch.float32).min)
+        expected[..., :head_rows] = head.base(hidden)
+        expected = expected[..., :vocab].clone()
         expected[..., new_ids] = hidden @ head.new_rows.t()
-    assert head._follow(10) is (new_ids == [10, 11])
+    assert head._follow(head_rows) is (new_ids == [10, 11])
     torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 

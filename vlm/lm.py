@@ -212,6 +212,6 @@ class OutputHead(nn.Module):
         known = self._follows.get(lm_vocab)
         if known is None:
             ids = self.embedding[0].new_ids
-            expected = torch.arange(lm_vocab, self.vocab_size, device=ids.device)
+            expected = torch.arange(lm_vocab, max(lm_vocab, self.vocab_size), device=ids.device)
             known = self._follows[lm_vocab] = ids.shape == expected.shape and bool((ids == expected).all())
         return known
