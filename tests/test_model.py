@@ -336,6 +336,24 @@ def test_feature_stride_gives_a_finer_stage_on_its_own_grid(tiny_lm_dirs):
     assert torch.equal(tokens, stage.flatten(2).transpose(1, 2)[:, None])
     assert model.encode_images(px).shape[:2] == (2, 1)
 
+    # A head-reading model and a stride-16 adapter share one tower: the second reads its
+    # stage from the first's modules, as a model of its own would.
+    head, head_proc = vlm.create_model_and_transforms(
+        dataclasses.replace(cfg, vision=dataclasses.replace(fine, feature_stride=None, with_last_stage=True)),
+        verbose=False,
+    )
+    assert head.config.vision.same_tower(fine) and head.vision.width == 1280 + 320
+    shared, _ = vlm.create_model_and_transforms(cfg, verbose=False, share=(head, head_proc))
+    assert shared.vision.tower.conv_stem.weight is head.vision.tower.conv_stem.weight
+    with torch.no_grad():
+        assert shared.vision.width == 112 and torch.equal(shared.vision(px), tokens)
+        assert head.vision(px).shape == (2, 1, 4, 1600)  # the first model still reads the head
+    other_size = dataclasses.replace(fine, image_size=96)
+    with pytest.raises(ValueError, match="same vision tower"):
+        vlm.create_model_and_transforms(
+            dataclasses.replace(cfg, vision=other_size), verbose=False, share=(head, head_proc)
+        )
+
     for bad, match in (
         (dataclasses.replace(fine, feature_stride=8 * 3), r"strides \[2, 4, 8, 16, 32\]"),
         (dataclasses.replace(fine, with_last_stage=True), "with_last_stage false"),

@@ -106,6 +106,12 @@ class VisionConfig:
     """open_clip ViTs only: keep the class token in front of the patch tokens. IDEFICS's
     perceiver reads the whole last hidden state, class token included."""
 
+    def same_tower(self, other: VisionConfig) -> bool:
+        """Whether ``other`` names the same tower with the same weights and input, however it
+        takes its tokens (``with_last_stage``, ``feature_stride``, ``class_token``)."""
+        reading = dict(with_last_stage=False, feature_stride=None, class_token=False)
+        return dataclasses.replace(self, **reading) == dataclasses.replace(other, **reading)
+
     def validate(self) -> None:
         if self.kind not in ("timm", "open_clip"):
             raise ValueError(f"vision.kind must be 'timm' or 'open_clip', got {self.kind!r}")

@@ -87,9 +87,13 @@ def apply_freezing(model: VLM) -> int:
 
 def _shared_backbones(share: tuple[VLM, Processor], cfg: VLMConfig):
     """The frozen tower and LM of ``share``'s model for a second adapter: new modules
-    (so each model has its own cross-attention blocks) holding the same tensors."""
+    (so each model has its own cross-attention blocks) holding the same tensors. The second
+    adapter may take other tokens from the tower (``vision.feature_stride``, ...)."""
     base, processor = share
-    same = (base.config.vision, base.config.lm, base.config.new_tokens()) == (cfg.vision, cfg.lm, cfg.new_tokens())
+    same = base.config.vision.same_tower(cfg.vision) and (base.config.lm, base.config.new_tokens()) == (
+        cfg.lm,
+        cfg.new_tokens(),
+    )
     if not same:
         raise ValueError(
             "sharing backbones needs the same vision tower, LM and added tokens: "
@@ -112,7 +116,7 @@ def _shared_backbones(share: tuple[VLM, Processor], cfg: VLMConfig):
         for name, m in module.named_modules()
         if isinstance(m, CONVERTED_LINEARS) and ".xattn." not in f".{name}."
     )
-    vision, lm = copy.deepcopy(base.vision, frozen), copy.deepcopy(base.lm, frozen)
+    vision, lm = copy.deepcopy(base.vision, frozen).reading(cfg.vision), copy.deepcopy(base.lm, frozen)
     layers = find_decoder(lm)[1]
     for i, layer in enumerate(layers):  # back to the bare decoder layers; this model's blocks go in below
         layers[i] = layer.decoder_layer

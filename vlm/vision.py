@@ -43,6 +43,20 @@ class VisionEncoder(nn.Module):
         self.class_token = class_token
         self.feature_index = feature_index  # timm feature_info index of vision.feature_stride's stage
 
+    def reading(self, cfg: VisionConfig) -> VisionEncoder:
+        """A new encoder on this one's tower (the same module, no copy) that takes its tokens as
+        ``cfg`` says: the head, the head and the last stage (``with_last_stage``), a finer
+        stage (``feature_stride``) or the class token too (``class_token``). ``cfg`` must
+        name the same tower (:meth:`VisionConfig.same_tower`)."""
+        cfg.validate()
+        width, index = self.width, None
+        if self.kind == "timm":
+            width = _timm_width(self.tower, cfg)
+            index = _stride_index(self.tower, cfg) if cfg.feature_stride is not None else None
+        return VisionEncoder(
+            self.tower, self.kind, width, self.num_prefix_tokens, cfg.with_last_stage, cfg.class_token, index
+        )
+
     def channels_last(self) -> VisionEncoder:
         """A convolutional tower's weights (more than one ``nn.Conv2d``: not a ViT, whose
         patch embedding is one) in channels-last memory format, so each convolution gives
@@ -103,21 +117,25 @@ def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]
     model.reset_classifier(0)
     data_cfg = timm.data.resolve_model_data_config(model)
     size = cfg.image_size or data_cfg["input_size"][-1]
-    width = model.num_features
+    return (
+        model,
+        whole_image_transform(size, data_cfg["mean"], data_cfg["std"]),
+        _timm_width(model, cfg),
+        getattr(model, "num_prefix_tokens", 0),
+    )
+
+
+def _timm_width(model: nn.Module, cfg: VisionConfig) -> int:
+    """The channels of each token ``cfg`` takes from a timm model."""
+    if cfg.feature_stride is not None:
+        return model.feature_info[_stride_index(model, cfg)]["num_chs"]
     if cfg.with_last_stage:
         if not hasattr(model, "forward_intermediates") or getattr(model, "num_prefix_tokens", 0):
             raise ValueError(
                 f"vision.with_last_stage needs a timm conv net with forward_intermediates, not {cfg.name!r}"
             )
-        width += model.feature_info[-1]["num_chs"]
-    if cfg.feature_stride is not None:
-        width = model.feature_info[_stride_index(model, cfg)]["num_chs"]
-    return (
-        model,
-        whole_image_transform(size, data_cfg["mean"], data_cfg["std"]),
-        width,
-        getattr(model, "num_prefix_tokens", 0),
-    )
+        return model.num_features + model.feature_info[-1]["num_chs"]
+    return model.num_features
 
 
 def _stride_index(model: nn.Module, cfg: VisionConfig) -> int:
