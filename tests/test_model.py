@@ -273,6 +273,50 @@ def test_last_stage_channels_follow_the_head_and_a_widened_checkpoint_starts_unc
         dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]).vision, with_last_stage=True).validate()
 
 
+def test_a_folded_finer_stage_follows_on_the_heads_grid_and_a_widened_checkpoint_starts_unchanged(tiny_lm_dirs):
+    import dataclasses
+
+    from vlm.config import VisionConfig
+    from vlm.factory import load_trainable
+    from vlm.tiny import tiny_config
+    from vlm_train.train import add_last_stage_inputs, adds_channels_after
+
+    last = VisionConfig(kind="timm", name="tf_efficientnet_lite0", pretrained=None, image_size=64, with_last_stage=True)
+    folded = dataclasses.replace(last, fold_stride=16)
+    cfg = dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]), vision=last)
+    torch.manual_seed(0)
+    narrow, proc = vlm.create_model_and_transforms(cfg, verbose=False)
+    torch.manual_seed(1)
+    wide, _ = vlm.create_model_and_transforms(dataclasses.replace(cfg, vision=folded), verbose=False)
+    assert wide.vision.width == 1600 + 4 * 112  # each head cell takes the 2×2 stride-16 cells under it
+
+    px = torch.stack(proc.transform_images([shape_image("red"), shape_image("teal", "square")]))[:, None]
+    with torch.no_grad():
+        before, after = narrow.vision(px), wide.vision(px)
+        (stage,) = wide.vision.tower.forward_intermediates(px[:, 0], indices=[3], intermediates_only=True)
+    assert stage.shape[-2:] == (4, 4) and after.shape == (2, 1, 4, 2048)  # 64 px: a 2×2 head grid
+    assert torch.equal(after[..., :1600], before)
+    # Token (row 0, column 1) holds the stage's channels at rows 0-1, columns 2-3, channel-major.
+    cell = stage[:, :, 0:2, 2:4].flatten(1)
+    assert torch.equal(after[:, 0, 1, 1600:], cell)
+
+    assert adds_channels_after(last, folded) and adds_channels_after(
+        dataclasses.replace(last, with_last_stage=False), folded
+    )
+    assert not adds_channels_after(folded, last) and not adds_channels_after(folded, folded)
+    load_trainable(wide, add_last_stage_inputs(narrow.trainable_state_dict(), wide.vision.width))
+    with torch.no_grad():
+        assert torch.equal(wide.encode_images(px), narrow.encode_images(px))
+
+    for bad, match in (
+        (dataclasses.replace(folded, fold_stride=32), "finer than it"),
+        (dataclasses.replace(folded, fold_stride=12), r"strides \[2, 4, 8, 16, 32\]"),
+        (dataclasses.replace(folded, with_last_stage=False, feature_stride=16), "feature_stride null"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            vlm.create_model_and_transforms(dataclasses.replace(cfg, vision=bad), verbose=False)
+
+
 def test_a_text_only_row_batched_with_images_is_as_alone(trained_model):
     """Rows without any image skip the cross-attention blocks, as a batch without images
     does: a text-only sample gets the same logits alone and next to an image sample."""

@@ -23,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import vlm
+from vlm.config import VisionConfig
 from vlm.factory import fast_matmul, load_trainable
 from vlm.fileio import write_text
 
@@ -47,7 +48,7 @@ def build_model(cfg: TrainConfig):
     if cfg.model.init_from:
         model_init, _ = vlm.from_pretrained(cfg.model.init_from, verbose=False)
         state = model_init.trainable_state_dict()
-        if model.config.vision.with_last_stage and not model_init.config.vision.with_last_stage:
+        if adds_channels_after(model_init.config.vision, model.config.vision):
             state = add_last_stage_inputs(state, model.resampler.proj_in.in_features)
         load_trainable(model, state, source=cfg.model.init_from)
     if cfg.precision == "bf16-frozen":
@@ -55,10 +56,23 @@ def build_model(cfg: TrainConfig):
     return model, processor
 
 
+def adds_channels_after(old: VisionConfig, new: VisionConfig) -> bool:
+    """Whether ``new`` reads the same tower as ``old`` and gives each token more channels
+    after ``old``'s (the head's, then ``with_last_stage``'s, then ``fold_stride``'s)."""
+    if not old.same_tower(new) or old.feature_stride is not None or new.feature_stride is not None:
+        return False
+    if old.fold_stride is not None:
+        return False  # its channels come last; nothing can follow them in a new config
+    return (new.with_last_stage and not old.with_last_stage) or (
+        new.fold_stride is not None and new.with_last_stage == old.with_last_stage
+    )
+
+
 def add_last_stage_inputs(state: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
-    """Start a ``vision.with_last_stage`` model from a checkpoint without it: the
-    resampler's input projection gets zero weights for the new channels, so the model
-    computes exactly what the checkpoint did until training moves them."""
+    """Start a model whose tokens have more channels (``vision.with_last_stage``,
+    ``vision.fold_stride``) from a checkpoint without them: the resampler's input projection
+    gets zero weights for the new channels, so the model computes exactly what the
+    checkpoint did until training moves them."""
     w = state["resampler.proj_in.weight"]
     return {**state, "resampler.proj_in.weight": torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], dim=1)}
 

@@ -102,14 +102,20 @@ class VisionConfig:
     EfficientNet-Lite0: its 112-channel stage, 20 × 20 tokens at 320 px. Linear probes on
     sketches read a heading's level, a list's item count and a row's block kind from those
     far better than from the head's 10 × 10 grid (docs/experiments.md)."""
+    fold_stride: int | None = None
+    """timm conv nets only: also give each token the channels of the last stage of this
+    finer stride, folded onto the head's grid: each token takes the cells of that stage under
+    it (16 on EfficientNet-Lite0: 4 × 112 = 448 channels more), after the head's and the last
+    stage's. The grid and the channels before stay as they were, so training with
+    ``--model.init_from`` a checkpoint without them starts their input weights at zero."""
     class_token: bool = False
     """open_clip ViTs only: keep the class token in front of the patch tokens. IDEFICS's
     perceiver reads the whole last hidden state, class token included."""
 
     def same_tower(self, other: VisionConfig) -> bool:
         """Whether ``other`` names the same tower with the same weights and input, however it
-        takes its tokens (``with_last_stage``, ``feature_stride``, ``class_token``)."""
-        reading = dict(with_last_stage=False, feature_stride=None, class_token=False)
+        takes its tokens (``with_last_stage``, ``feature_stride``, ``fold_stride``, ``class_token``)."""
+        reading = dict(with_last_stage=False, feature_stride=None, fold_stride=None, class_token=False)
         return dataclasses.replace(self, **reading) == dataclasses.replace(other, **reading)
 
     def validate(self) -> None:
@@ -130,6 +136,15 @@ class VisionConfig:
                 raise ValueError(
                     f"vision.feature_stride must be a positive integer or null, got {self.feature_stride!r}"
                 )
+        if self.fold_stride is not None:
+            if self.kind != "timm":
+                raise ValueError("vision.fold_stride needs a timm conv net (vision.kind 'timm')")
+            if self.feature_stride is not None:
+                raise ValueError(
+                    "vision.fold_stride folds a stage onto the head's grid: set vision.feature_stride null"
+                )
+            if not isinstance(self.fold_stride, int) or isinstance(self.fold_stride, bool) or self.fold_stride < 1:
+                raise ValueError(f"vision.fold_stride must be a positive integer or null, got {self.fold_stride!r}")
         if self.class_token and self.kind != "open_clip":
             raise ValueError("vision.class_token needs an open_clip ViT (vision.kind 'open_clip')")
         if self.image_size is not None and self.image_size < 16:

@@ -33,6 +33,7 @@ class VisionEncoder(nn.Module):
         with_last_stage: bool = False,
         class_token: bool = False,
         feature_index: int | None = None,
+        fold_index: int | None = None,
     ):
         super().__init__()
         self.tower = tower
@@ -42,20 +43,17 @@ class VisionEncoder(nn.Module):
         self.with_last_stage = with_last_stage
         self.class_token = class_token
         self.feature_index = feature_index  # timm feature_info index of vision.feature_stride's stage
+        self.fold_index = fold_index  # timm feature_info index of vision.fold_stride's stage
 
     def reading(self, cfg: VisionConfig) -> VisionEncoder:
         """A new encoder on this one's tower (the same module, no copy) that takes its tokens as
         ``cfg`` says: the head, the head and the last stage (``with_last_stage``), a finer
-        stage (``feature_stride``) or the class token too (``class_token``). ``cfg`` must
-        name the same tower (:meth:`VisionConfig.same_tower`)."""
+        stage instead (``feature_stride``) or folded in (``fold_stride``), or the class token
+        too (``class_token``). ``cfg`` must name the same tower (:meth:`VisionConfig.same_tower`)."""
         cfg.validate()
-        width, index = self.width, None
-        if self.kind == "timm":
-            width = _timm_width(self.tower, cfg)
-            index = _stride_index(self.tower, cfg) if cfg.feature_stride is not None else None
-        return VisionEncoder(
-            self.tower, self.kind, width, self.num_prefix_tokens, cfg.with_last_stage, cfg.class_token, index
-        )
+        if self.kind != "timm":
+            return VisionEncoder(self.tower, self.kind, self.width, self.num_prefix_tokens, class_token=cfg.class_token)
+        return _timm_encoder(self.tower, cfg)
 
     def channels_last(self) -> VisionEncoder:
         """A convolutional tower's weights (more than one ``nn.Conv2d``: not a ViT, whose
@@ -84,9 +82,18 @@ class VisionEncoder(nn.Module):
             (feats,) = self.tower.forward_intermediates(
                 x, indices=[self.feature_index], intermediates_only=True, stop_early=True
             )
-        elif self.with_last_stage:  # head output, then the last stage's channels (same grid)
-            head, (stage,) = self.tower.forward_intermediates(x, indices=1)
-            feats = torch.cat([head, stage], dim=1)
+        elif self.with_last_stage or self.fold_index is not None:
+            # The head's output, then the last stage's channels (same grid), then a finer
+            # stage's, each head cell taking the cells under it.
+            last = len(self.tower.feature_info) - 1
+            indices = ([self.fold_index] if self.fold_index is not None else []) + (
+                [last] if self.with_last_stage else []
+            )
+            head, stages = self.tower.forward_intermediates(x, indices=indices)
+            parts = [head, stages[-1]] if self.with_last_stage else [head]
+            if self.fold_index is not None:
+                parts.append(fold_onto(stages[0], head.shape[-2:]))
+            feats = torch.cat(parts, dim=1)
         else:
             feats = self.tower.forward_features(x)
         if feats.ndim == 4:  # conv map (BT, C, h, w) -> (BT, h*w, C)
@@ -96,7 +103,7 @@ class VisionEncoder(nn.Module):
         return feats.reshape(b, t, feats.shape[1], feats.shape[2])
 
 
-def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]:
+def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform]:
     import timm
 
     kwargs = dict(cfg.model_kwargs)
@@ -117,41 +124,57 @@ def _timm_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]
     model.reset_classifier(0)
     data_cfg = timm.data.resolve_model_data_config(model)
     size = cfg.image_size or data_cfg["input_size"][-1]
-    return (
-        model,
-        whole_image_transform(size, data_cfg["mean"], data_cfg["std"]),
-        _timm_width(model, cfg),
-        getattr(model, "num_prefix_tokens", 0),
-    )
+    return model, whole_image_transform(size, data_cfg["mean"], data_cfg["std"])
 
 
-def _timm_width(model: nn.Module, cfg: VisionConfig) -> int:
-    """The channels of each token ``cfg`` takes from a timm model."""
+def _timm_encoder(model: nn.Module, cfg: VisionConfig) -> VisionEncoder:
+    """An encoder on a timm model that takes the tokens ``cfg`` names."""
+    prefix = getattr(model, "num_prefix_tokens", 0)
     if cfg.feature_stride is not None:
-        return model.feature_info[_stride_index(model, cfg)]["num_chs"]
+        index = _stride_index(model, cfg.feature_stride, "feature_stride", cfg.name)
+        return VisionEncoder(model, "timm", model.feature_info[index]["num_chs"], prefix, feature_index=index)
+    width, fold_index = model.num_features, None
     if cfg.with_last_stage:
-        if not hasattr(model, "forward_intermediates") or getattr(model, "num_prefix_tokens", 0):
+        _stride_index(model, None, "with_last_stage", cfg.name)  # a conv net with forward_intermediates
+        width += model.feature_info[-1]["num_chs"]
+    if cfg.fold_stride is not None:
+        fold_index = _stride_index(model, cfg.fold_stride, "fold_stride", cfg.name)
+        factor = model.feature_info[-1]["reduction"] // cfg.fold_stride
+        if factor < 2 or factor * cfg.fold_stride != model.feature_info[-1]["reduction"]:
             raise ValueError(
-                f"vision.with_last_stage needs a timm conv net with forward_intermediates, not {cfg.name!r}"
+                f"vision.fold_stride {cfg.fold_stride}: must divide {cfg.name!r}'s head stride "
+                f"{model.feature_info[-1]['reduction']} and be finer than it"
             )
-        return model.num_features + model.feature_info[-1]["num_chs"]
-    return model.num_features
+        width += model.feature_info[fold_index]["num_chs"] * factor**2
+    return VisionEncoder(model, "timm", width, prefix, cfg.with_last_stage, fold_index=fold_index)
 
 
-def _stride_index(model: nn.Module, cfg: VisionConfig) -> int:
-    """The index in a timm conv net's ``feature_info`` of the last stage whose output has
-    stride ``cfg.feature_stride``."""
+def fold_onto(stage: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """A finer stage's map ``(BT, C, H, W)`` on a coarser ``grid`` ``(h, w)``: each cell gets
+    the channels of the ``f × f`` cells under it (``F.pixel_unshuffle``; ``f = H // h``, the
+    map padded with zeros where a 'same'-padded tower rounded up), ``(BT, C·f², h, w)``."""
+    h, w = grid
+    f = -(-stage.shape[-2] // h)
+    stage = nn.functional.pad(stage, (0, w * f - stage.shape[-1], 0, h * f - stage.shape[-2]))
+    return nn.functional.pixel_unshuffle(stage, f)
+
+
+def _stride_index(model: nn.Module, stride: int | None, option: str, name: str) -> int:
+    """The index in a timm conv net's ``feature_info`` of its last stage of ``stride``
+    (``None``: of its last stage); ``option`` names the setting that asks, for errors."""
     info = getattr(model, "feature_info", None)
     if (
         not hasattr(model, "forward_intermediates")
         or not isinstance(info, list)
         or getattr(model, "num_prefix_tokens", 0)
     ):
-        raise ValueError(f"vision.feature_stride needs a timm conv net with forward_intermediates, not {cfg.name!r}")
+        raise ValueError(f"vision.{option} needs a timm conv net with forward_intermediates, not {name!r}")
     strides = [f["reduction"] for f in info]
-    if cfg.feature_stride not in strides:
-        raise ValueError(f"vision.feature_stride {cfg.feature_stride}: {cfg.name!r} has stages of strides {strides}")
-    return len(strides) - 1 - strides[::-1].index(cfg.feature_stride)
+    if stride is None:
+        return len(strides) - 1
+    if stride not in strides:
+        raise ValueError(f"vision.{option} {stride}: {name!r} has stages of strides {strides}")
+    return len(strides) - 1 - strides[::-1].index(stride)
 
 
 def _to_rgb(image):
@@ -173,7 +196,7 @@ def whole_image_transform(size: int, mean, std) -> ImageTransform:
     )
 
 
-def _open_clip_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int, int]:
+def _open_clip_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int]:
     import open_clip
 
     kwargs = dict(cfg.model_kwargs)  # allow-listed by VisionConfig.validate
@@ -203,7 +226,7 @@ def _open_clip_tower(cfg: VisionConfig) -> tuple[nn.Module, ImageTransform, int,
     if state is not None:
         _load_open_clip_visual(model, state, cfg.pretrained)
     width = _probe_width(tower, transform)
-    return tower, transform, width, 0
+    return tower, transform, width
 
 
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
@@ -249,11 +272,14 @@ def _probe_width(tower: nn.Module, transform: ImageTransform) -> int:
 def create_vision_encoder(cfg: VisionConfig) -> tuple[VisionEncoder, ImageTransform]:
     """The frozen encoder and its eval-time image transform (PIL → normalised tensor)."""
     cfg.validate()
-    build = _timm_tower if cfg.kind == "timm" else _open_clip_tower
     # Random towers (tests) are seeded, so a checkpoint that names one reloads identically.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        tower, transform, width, prefix = build(cfg)
+        if cfg.kind == "timm":
+            tower, transform = _timm_tower(cfg)
+        else:
+            tower, transform, width = _open_clip_tower(cfg)
     tower.eval()
-    index = _stride_index(tower, cfg) if cfg.feature_stride is not None else None
-    return VisionEncoder(tower, cfg.kind, width, prefix, cfg.with_last_stage, cfg.class_token, index), transform
+    if cfg.kind == "timm":
+        return _timm_encoder(tower, cfg), transform
+    return VisionEncoder(tower, cfg.kind, width, class_token=cfg.class_token), transform
