@@ -151,7 +151,7 @@ def _timm_encoder(model: nn.Module, cfg: VisionConfig) -> VisionEncoder:
 
 def fold_onto(stage: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """A finer stage's map ``(BT, C, H, W)`` on a coarser ``grid`` ``(h, w)``: each cell gets
-    the channels of the ``f × f`` cells under it (``F.pixel_unshuffle``; ``f = H // h``, the
+    the channels of the ``f × f`` cells under it (``F.pixel_unshuffle``; ``f = ⌈H / h⌉``, the
     map padded with zeros where a 'same'-padded tower rounded up), ``(BT, C·f², h, w)``."""
     h, w = grid
     f = -(-stage.shape[-2] // h)
