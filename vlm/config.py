@@ -101,7 +101,8 @@ class VisionConfig:
     instead of the head's, on that stage's finer grid (the tower stops there). 16 on
     EfficientNet-Lite0: its 112-channel stage, 20 × 20 tokens at 320 px. Linear probes on
     sketches read a heading's level, a list's item count and a row's block kind from those
-    far better than from the head's 10 × 10 grid (docs/experiments.md)."""
+    far better than from the head's 10 × 10 grid, yet an adapter trained on them learnt
+    sketches more slowly than one on the head (docs/experiments.md); see ``fold_stride``."""
     fold_stride: int | None = None
     """timm conv nets only: also give each token the channels of the last stage of this
     finer stride, folded onto the head's grid: each token takes the cells of that stage under
