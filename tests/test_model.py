@@ -244,7 +244,7 @@ def test_last_stage_channels_follow_the_head_and_a_widened_checkpoint_starts_unc
     from vlm.config import VisionConfig
     from vlm.factory import load_trainable
     from vlm.tiny import tiny_config
-    from vlm_train.train import add_last_stage_inputs
+    from vlm_train.train import add_channel_inputs
 
     effnet = VisionConfig(kind="timm", name="tf_efficientnet_lite0", pretrained=None, image_size=64)
     cfg = dataclasses.replace(tiny_config(tiny_lm_dirs["llama"]), vision=effnet)
@@ -265,7 +265,7 @@ def test_last_stage_channels_follow_the_head_and_a_widened_checkpoint_starts_unc
 
     with pytest.raises(ValueError, match="does not match|shape"):
         load_trainable(wide, narrow.trainable_state_dict())
-    load_trainable(wide, add_last_stage_inputs(narrow.trainable_state_dict(), wide.vision.width))
+    load_trainable(wide, add_channel_inputs(narrow.trainable_state_dict(), wide.vision.width))
     with torch.no_grad():
         assert torch.equal(wide.encode_images(px), narrow.encode_images(px))
 
@@ -279,7 +279,7 @@ def test_a_folded_finer_stage_follows_on_the_heads_grid_and_a_widened_checkpoint
     from vlm.config import VisionConfig
     from vlm.factory import load_trainable
     from vlm.tiny import tiny_config
-    from vlm_train.train import add_last_stage_inputs, adds_channels_after
+    from vlm_train.train import add_channel_inputs, adds_channels_after
 
     last = VisionConfig(kind="timm", name="tf_efficientnet_lite0", pretrained=None, image_size=64, with_last_stage=True)
     folded = dataclasses.replace(last, fold_stride=16)
@@ -304,7 +304,7 @@ def test_a_folded_finer_stage_follows_on_the_heads_grid_and_a_widened_checkpoint
         dataclasses.replace(last, with_last_stage=False), folded
     )
     assert not adds_channels_after(folded, last) and not adds_channels_after(folded, folded)
-    load_trainable(wide, add_last_stage_inputs(narrow.trainable_state_dict(), wide.vision.width))
+    load_trainable(wide, add_channel_inputs(narrow.trainable_state_dict(), wide.vision.width))
     with torch.no_grad():
         assert torch.equal(wide.encode_images(px), narrow.encode_images(px))
 

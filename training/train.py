@@ -49,7 +49,7 @@ def build_model(cfg: TrainConfig):
         model_init, _ = vlm.from_pretrained(cfg.model.init_from, verbose=False)
         state = model_init.trainable_state_dict()
         if adds_channels_after(model_init.config.vision, model.config.vision):
-            state = add_last_stage_inputs(state, model.resampler.proj_in.in_features)
+            state = add_channel_inputs(state, model.resampler.proj_in.in_features)
         load_trainable(model, state, source=cfg.model.init_from)
     if cfg.precision == "bf16-frozen":
         cast_frozen(model, torch.bfloat16)
@@ -68,7 +68,7 @@ def adds_channels_after(old: VisionConfig, new: VisionConfig) -> bool:
     )
 
 
-def add_last_stage_inputs(state: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
+def add_channel_inputs(state: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
     """Start a model whose tokens have more channels (``vision.with_last_stage``,
     ``vision.fold_stride``) from a checkpoint without them: the resampler's input projection
     gets zero weights for the new channels, so the model computes exactly what the
