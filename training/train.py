@@ -58,14 +58,16 @@ def build_model(cfg: TrainConfig):
 
 def adds_channels_after(old: VisionConfig, new: VisionConfig) -> bool:
     """Whether ``new`` reads the same tower as ``old`` and gives each token more channels
-    after ``old``'s (the head's, then ``with_last_stage``'s, then ``fold_stride``'s)."""
+    after ``old``'s: its channel blocks (the head's, then ``with_last_stage``'s, then
+    ``fold_stride``'s) start with all of ``old``'s."""
+
+    def blocks(v: VisionConfig) -> list:
+        return ["head"] + ["last stage"] * v.with_last_stage + ([("fold", v.fold_stride)] if v.fold_stride else [])
+
     if not old.same_tower(new) or old.feature_stride is not None or new.feature_stride is not None:
         return False
-    if old.fold_stride is not None:
-        return False  # its channels come last; nothing can follow them in a new config
-    return (new.with_last_stage and not old.with_last_stage) or (
-        new.fold_stride is not None and new.with_last_stage == old.with_last_stage
-    )
+    before, after = blocks(old), blocks(new)
+    return len(after) > len(before) and after[: len(before)] == before
 
 
 def add_channel_inputs(state: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
