@@ -47,10 +47,11 @@ def init(root: Path, names: list[str]) -> None:
 @torch.no_grad()
 def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8, other_sketch: bool = False) -> dict:
     """Teacher-forced next-token accuracy on the target tokens of test sketches, split into
-    markup (inside ``<...>``) and text tokens. ``other_sketch``: each page is shown the sketch
+    markup (inside ``<...>``) and text tokens, with each part's mean loss and the text's share
+    of the summed loss. ``other_sketch``: each page is shown the sketch
     of the next page in its batch instead of its own, so the difference from the plain
     figures is what the model reads off the sketch (none: it writes a generic page)."""
-    from vlm_train.data.decode import decode_sample, example_segments
+    from vlm_train.data.decode import decode_sample, example_segments, inside_markup
     from vlm_train.data.shards import expand_shards, iter_tar
 
     model, processor = vlm.load_model(model_dir, verbose=False)
@@ -64,6 +65,7 @@ def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8
         if len(examples) == limit:
             break
     hits = {"markup": [0, 0], "text": [0, 0]}
+    nll = {"markup": 0.0, "text": 0.0}
     pages_exact = 0
     for i in range(0, len(examples), batch_size):
         chunk = examples[i : i + batch_size]
@@ -75,39 +77,32 @@ def markup_accuracy(model_dir: str, shards: str, limit: int, batch_size: int = 8
         out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"])
         pred = out.logits[:, :-1].argmax(-1)
         target = batch["labels"][:, 1:]
+        token_nll = torch.nn.functional.cross_entropy(
+            out.logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none"
+        )
         for b in range(len(chunk)):
             positions = (target[b] != -100).nonzero().flatten().tolist()
             ids = target[b, positions].tolist()
-            inside = _inside_tags(processor.tokenizer, ids)
+            inside = inside_markup(processor.tokenizer.decode([t]) for t in ids)
             all_right = True
             for pos, markup in zip(positions, inside):
                 ok = bool(pred[b, pos] == target[b, pos])
                 part = hits["markup" if markup else "text"]
                 part[0] += ok
                 part[1] += 1
+                nll["markup" if markup else "text"] += float(token_nll[b, pos])
                 all_right &= ok or not markup
             pages_exact += all_right
     return {
         "markup_token_accuracy": hits["markup"][0] / max(hits["markup"][1], 1),
         "text_token_accuracy": hits["text"][0] / max(hits["text"][1], 1),
         "markup_tokens": hits["markup"][1],
+        "text_tokens": hits["text"][1],
+        "markup_mean_nll": nll["markup"] / max(hits["markup"][1], 1),
+        "text_mean_nll": nll["text"] / max(hits["text"][1], 1),
+        "text_share_of_loss": nll["text"] / max(nll["markup"] + nll["text"], 1e-9),
         "pages_all_markup_right": pages_exact / len(examples),
     }
-
-
-def _inside_tags(tokenizer, ids: list[int]) -> list[bool]:
-    """For each token, whether its text lies inside ``<...>`` (a token that opens or closes a tag counts)."""
-    out, inside = [], False
-    for tid in ids:
-        piece = tokenizer.decode([tid])
-        markup = inside or "<" in piece or ">" in piece
-        for ch in piece:
-            if ch == "<":
-                inside = True
-            elif ch == ">":
-                inside = False
-        out.append(markup)
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

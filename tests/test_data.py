@@ -17,7 +17,15 @@ from vlm_train.data import builders
 from vlm_train.data.cli import main as data_main
 from vlm_train.data.decode import SkipSample, decode_image
 from vlm_train.data.loader import LoaderConfig, ShardStream, SourceConfig, is_report_only, make_loader
-from vlm_train.data.shards import ShardWriter, caption_sample, image_bytes, interleaved_sample, iter_tar, qa_sample
+from vlm_train.data.shards import (
+    ShardWriter,
+    caption_sample,
+    image_bytes,
+    interleaved_sample,
+    iter_tar,
+    qa_sample,
+    sketch_sample,
+)
 
 
 def _png(color="red", mode="RGB", size=24):
@@ -77,6 +85,46 @@ def test_qa_and_interleaved_samples(make_model, tmp_path):
     assert processor.tokenizer.decode(doc["input_ids"][0]) == (
         "<image>a red one.<|endofchunk|><image>a blue one.<|endofchunk|>"
     )
+
+
+def test_text_weight_weighs_a_pages_text_apart_from_its_markup_and_the_loss_follows(make_model, tmp_path):
+    model, processor = make_model("llama")
+    html = '<header><h1>Blue Sky</h1></header><main><img alt="map"><p>Lorem ipsum.</p></main>'
+    _write(tmp_path, "sk", [sketch_sample("s0", _png(), html)])
+
+    def batch_of(weight):
+        cfg = LoaderConfig([SourceConfig(str(tmp_path), "sketch", text_weight=weight)], batch_size=1)
+        return _collect(cfg, processor)[2][0]
+
+    plain, weighted = batch_of(1.0), batch_of(0.25)
+    assert "label_weights" not in plain
+    weights, labels = weighted["label_weights"][0], weighted["labels"][0]
+    assert torch.equal(weighted["labels"], plain["labels"]) and weights.shape == labels.shape
+    trained = labels != IGNORE_INDEX
+    text = "".join(processor.tokenizer.decode([t]) for t in labels[trained & (weights == 0.25)])
+    assert text.startswith("Blue Sky") and "Lorem ipsum." in text  # the labels and the placeholder
+    assert "<" not in text and ">" not in text and "map" not in text  # an attribute is markup
+    assert weights[~trained].eq(1).all() and weights[trained].eq(1).any()
+
+    ids, mask, all_labels, all_weights = (
+        weighted[k] for k in ("input_ids", "attention_mask", "labels", "label_weights")
+    )
+    out = model(weighted["pixel_values"], ids, mask, all_labels, return_logits=True)
+    nll = torch.nn.functional.cross_entropy(out.logits[0, :-1], labels[1:], ignore_index=IGNORE_INDEX, reduction="none")
+    w = weights[1:] * trained[1:]
+    expected = (nll * w).sum() / w.sum()
+    for return_logits in (True, False):
+        got = model(
+            weighted["pixel_values"], ids, mask, all_labels, return_logits=return_logits, label_weights=all_weights
+        )
+        torch.testing.assert_close(got.loss, expected)
+    torch.testing.assert_close(out.loss, nll[trained[1:]].mean())
+    ones = torch.ones_like(all_weights)
+    torch.testing.assert_close(
+        model(weighted["pixel_values"], ids, mask, all_labels, label_weights=ones).loss, out.loss
+    )
+    with pytest.raises(ValueError, match="text_weight"):
+        SourceConfig(str(tmp_path), "sketch", text_weight=0).validate()
 
 
 def _bomb_png(width=100_000, height=100_000):

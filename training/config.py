@@ -47,6 +47,12 @@ class SourceConfig:
     prompt leaves no trained token within the cap is skipped (``too long``). 2048 holds any
     caption, question or compact page here and bounds a batch, which pads to its longest
     sample; lower it for an LM with a shorter context."""
+    text_weight: float = 1.0
+    """Weight in the training loss of this source's trained tokens outside ``<...>`` (in a
+    sketch page: its labels and placeholder text), where markup tokens weigh 1; the loss is
+    then the weighted mean. A page's labels are small print on the drawing, and most of the
+    loss sits on them; below 1 the markup, which structure is scored on, gets more of the
+    gradient. The held-out loss stays the plain mean."""
 
     def validate(self) -> None:
         from vlm.tasks import KINDS as FORMATS
@@ -57,6 +63,8 @@ class SourceConfig:
             raise ValueError(f"source {self.shards}: weight must be > 0, got {self.weight}")
         if self.max_tokens < 1:
             raise ValueError(f"source {self.shards}: max_tokens must be >= 1, got {self.max_tokens}")
+        if not 0 < self.text_weight <= 1:
+            raise ValueError(f"source {self.shards}: text_weight must be in (0, 1], got {self.text_weight}")
         if self.select is not None:
             try:
                 re.compile(self.select)
@@ -70,7 +78,7 @@ class LoaderConfig:
 
     sources: list[SourceConfig] = field(default_factory=list)
     """The shard sets of the mixture, as a JSON list of objects with the fields ``shards``,
-    ``kind``, ``weight``, ``select`` and ``max_tokens``:
+    ``kind``, ``weight``, ``select``, ``max_tokens`` and ``text_weight``:
     ``'[{"shards": "data/shards/easy-vqa-train", "kind": "qa"}]'``."""
     batch_size: int = 8
     """Samples per batch on each rank (a step takes ``grad_accum`` of them)."""

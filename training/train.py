@@ -172,6 +172,7 @@ def forward_loss(model, batch: dict, autocast) -> torch.Tensor:
             batch["labels"],
             return_logits=False,
             prefix=batch.get("prefix"),
+            label_weights=batch.get("label_weights"),
         )
     return out.loss
 

@@ -195,12 +195,15 @@ class VLM(nn.Module):
         prefix: torch.Tensor | None = None,
         *,
         images: torch.Tensor | None = None,
+        label_weights: torch.Tensor | None = None,
     ) -> VLMOutput:
         """``pixel_values`` (B, T, C, H, W) (``images``: its old name); ``input_ids``,
         ``attention_mask``, ``labels`` (B, S); ``prefix`` (B, S, D), optional: see
         :meth:`hidden_states`. ``model(**processor(...))`` works as it is.
 
-        Labels are aligned with ``input_ids`` (shifted here); ``-100`` is ignored. With
+        Labels are aligned with ``input_ids`` (shifted here); ``-100`` is ignored. The loss
+        is the mean over labelled tokens, or with ``label_weights`` (B, S), aligned with the
+        labels, their weighted mean. With
         ``return_logits=False`` logits are computed only where labels are, which is
         what training needs and is markedly cheaper for a large vocabulary.
         """
@@ -215,14 +218,20 @@ class VLM(nn.Module):
         loss = None
         if labels is not None:
             targets = labels[:, 1:]
+            keep = targets != IGNORE_INDEX
             if logits is not None:
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX
-                )
+                picked = logits[:, :-1][keep]
             else:
-                keep = targets != IGNORE_INDEX
-                picked = self.head(hidden[:, :-1][keep])  # (n_labels, V)
-                loss = F.cross_entropy(picked.float(), targets[keep]) if picked.shape[0] else picked.sum() * 0.0
+                picked = self.head(hidden[:, :-1][keep])  # (n_labels, V): only where the labels are
+            if not picked.shape[0]:
+                loss = picked.sum() * 0.0
+            elif label_weights is None:
+                loss = F.cross_entropy(picked.float(), targets[keep])
+            else:
+                weights = label_weights[:, 1:][keep].to(torch.float32)
+                loss = (
+                    F.cross_entropy(picked.float(), targets[keep], reduction="none") * weights
+                ).sum() / weights.sum()
         return VLMOutput(loss=loss, logits=logits)
 
     def generate(

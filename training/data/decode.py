@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING
 
 from vlm.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, ImageError, load_image
@@ -140,6 +141,29 @@ def fit_tokens(ids: list[int], labels: list[int], max_tokens: int) -> tuple[list
         ids.pop()
         labels.pop()
     return ids, labels, True
+
+
+def inside_markup(pieces: Iterable[str]) -> list[bool]:
+    """For each token's text, in order from outside any tag: whether it lies inside
+    ``<...>`` (a token that opens or closes a tag counts as inside)."""
+    out, inside = [], False
+    for piece in pieces:
+        out.append(inside or "<" in piece or ">" in piece)
+        for ch in piece:
+            if ch in "<>":
+                inside = ch == "<"
+    return out
+
+
+def text_weights(labels: list[int], weight: float, piece: Callable[[int], str]) -> list[float]:
+    """Per position of ``labels``: ``weight`` for a trained token outside ``<...>``, else 1.
+    ``piece`` gives a token id's text (its tokenizer's decoding of it alone)."""
+    trained = [i for i, label in enumerate(labels) if label != IGNORE_INDEX]
+    out = [1.0] * len(labels)
+    for i, markup in zip(trained, inside_markup(piece(labels[i]) for i in trained)):
+        if not markup:
+            out[i] = weight
+    return out
 
 
 def skip_reason(error: Exception) -> str:

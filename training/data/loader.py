@@ -4,7 +4,8 @@ mixed from weighted sources, decoded robustly and tokenised in the worker proces
 Each batch is a dict of padded tensors (``input_ids``, ``attention_mask``, ``labels``
 (B, S); ``images`` (B, T, C, H, W); with a prefix cache, ``prefix`` (B, S, D): the
 cached hidden states entering the first cross-attention layer, see
-:mod:`vlm_train.data.prefix_cache`), the samples' ``keys``, and ``skipped``: the
+:mod:`vlm_train.data.prefix_cache`; with a source's ``text_weight`` below 1,
+``label_weights`` (B, S)), the samples' ``keys``, and ``skipped``: the
 samples this worker skipped (or kept truncated) since its previous batch, by reason, so
 the trainer can add them up and report them.
 
@@ -50,6 +51,7 @@ from .decode import (
     example_segments,
     fit_tokens,
     skip_reason,
+    text_weights,
 )
 from .prefix_cache import PrefixLookup
 from .shards import as_raw, expand_shards
@@ -193,6 +195,13 @@ class ShardStream(IterableDataset):
         self.epoch = 0
         self.skip_batches = 0
         self.urls = [expand_shards(s.shards) for s in cfg.sources]
+        self._pieces: dict[int, str] = {}
+
+    def _piece(self, token: int) -> str:
+        """A token id's text, decoded alone (cached)."""
+        if token not in self._pieces:
+            self._pieces[token] = self.processor.tokenizer.decode([token])
+        return self._pieces[token]
 
     def set_epoch(self, epoch: int, skip_batches: int = 0) -> None:
         """The next iteration reads ``epoch``; its first ``skip_batches`` batches (a resumed
@@ -366,7 +375,10 @@ class ShardStream(IterableDataset):
                 skipped["truncated"] += 1
             if self.prefix is not None:  # read with its batch (a mismatch is the run's problem: it raises)
                 prefixes.append((raw["__shard_url__"], source.index, raw["__key__"], ids))
-            encoded.append((ids, labels))
+            weights = None
+            if source.config.text_weight != 1:
+                weights = text_weights(labels, source.config.text_weight, self._piece)
+            encoded.append((ids, labels, weights))
             pixels.append(px)
             keys.append(raw.get("__key__", ""))
             origins.add(source.index)
@@ -420,7 +432,12 @@ class ShardStream(IterableDataset):
             skipped.clear()
             return batch
         pixels = [self._encode(p.raw, p.source)[2] if isinstance(p, _Deferred) else p for p in pixels]
-        batch = self.processor.collate(encoded, pixels)
+        batch = self.processor.collate([(ids, labels) for ids, labels, _ in encoded], pixels)
+        if any(weights is not None for *_, weights in encoded):
+            batch["label_weights"] = label_weights = torch.ones(batch["labels"].shape)
+            for i, (*_, weights) in enumerate(encoded):
+                if weights is not None:
+                    label_weights[i, : len(weights)] = torch.tensor(weights)
         if prefixes:
             prefixes = [self.prefix.get(*p) for p in prefixes]
             first = prefixes[0]
