@@ -6,7 +6,8 @@
 #      that grid), started from step 750 of run 1 (its new input weights at zero) and
 #      trained for the preset's steps.
 # (A continuation A/B from step 750 chose run 2's architecture; docs/experiments.md.)
-# Then export run 2's newest checkpoint as bf16 into its export/ folder and evaluate it
+# Then export run 2's newest checkpoint as bf16 (its moving average of the weights, ema/,
+# which the preset keeps) into its export/ folder and evaluate it
 # on the first 200 test sketches (the bundled sketch adapter, vlm/weights/sketch, is such
 # an export).
 # The runs are long on a CPU: stop at any point (--stop_at N applies to run 2, or kill it)

@@ -103,6 +103,7 @@ def test_ddp_two_processes_follow_the_single_process_curve(workspace):
 
 def test_fsdp2_two_processes_train_checkpoint_and_resume(workspace):
     common = ["--data.batch_size", "4", "--parallel.strategy", "fsdp", "--checkpoint.every", "5"]
+    common += ["--optim.ema_decay", "0.9"]  # the moving average of sharded weights
     _torchrun(workspace, "fsdp", "--steps", "10", *common)
     first = metrics(workspace, "fsdp")
     assert first[-1]["loss"] < first[0]["loss"]
@@ -113,10 +114,15 @@ def test_fsdp2_two_processes_train_checkpoint_and_resume(workspace):
     state = load_file(workspace / "fsdp" / "step-000015" / "model" / "model.safetensors")
     model, _ = vlm.from_pretrained(workspace / "fsdp" / "step-000015" / "model", verbose=False)
     assert set(state) == set(model.trainable_state_dict())
+    average = load_file(workspace / "fsdp" / "step-000015" / "ema" / "model.safetensors")
+    assert set(average) == set(state) and any(not torch.equal(average[k], state[k]) for k in state)
+    assert "ema_eval_loss" not in metrics(workspace, "fsdp")[-1]  # no held-out data in this run
+    assert torch.load(workspace / "fsdp" / "step-000015" / "trainer.pt", weights_only=True)["ema_updates"] == 15
 
 
 def test_sigkill_and_resume_ends_with_the_same_weights(workspace):
     common = ["--steps", "30", "--checkpoint.every", "10", "--data.num_workers", "1", "--checkpoint.keep", "2"]
+    common += ["--optim.ema_decay", "0.9"]  # the weights' moving average resumes bit for bit too
     assert train_main(args(workspace, "straight", *common)) == 0
     cmd = [sys.executable, "-m", "vlm_train.train", *args(workspace, "killed", *common)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -131,11 +137,12 @@ def test_sigkill_and_resume_ends_with_the_same_weights(workspace):
     for folder in (workspace / "killed").glob("step-*"):
         assert (folder / "trainer.pt").is_file() and (folder / "model" / "model.safetensors").is_file()
     assert train_main(args(workspace, "killed", *common)) == 0
-    a = load_file(workspace / "straight" / "step-000030" / "model" / "model.safetensors")
-    b = load_file(workspace / "killed" / "step-000030" / "model" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+    for part in ("model", "ema"):
+        a = load_file(workspace / "straight" / "step-000030" / part / "model.safetensors")
+        b = load_file(workspace / "killed" / "step-000030" / part / "model.safetensors")
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (part, k)
     assert len(ckpt.list_checkpoints(workspace / "killed")) == 2  # keep=2
     # What the killed run logged after its last checkpoint was dropped on resume.
     assert [m["step"] for m in metrics(workspace, "killed")] == list(range(1, 31))
@@ -145,8 +152,10 @@ def test_sigkill_and_resume_ends_with_the_same_weights(workspace):
     assert train_main(args(workspace, "sliced", *common, "--stop_at", "17")) == 0
     assert ckpt.list_checkpoints(workspace / "sliced")[-1].name == "step-000017"
     assert train_main(args(workspace, "sliced", *common)) == 0
-    c = load_file(workspace / "sliced" / "step-000030" / "model" / "model.safetensors")
-    assert all(torch.equal(a[k], c[k]) for k in a)
+    for part in ("model", "ema"):
+        a = load_file(workspace / "straight" / "step-000030" / part / "model.safetensors")
+        c = load_file(workspace / "sliced" / "step-000030" / part / "model.safetensors")
+        assert a.keys() == c.keys() and all(torch.equal(a[k], c[k]) for k in a), part
 
 
 def test_non_finite_steps_are_skipped_and_counted(workspace):
@@ -172,6 +181,54 @@ def test_non_finite_steps_are_skipped_and_counted(workspace):
     assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)]
 
 
+def test_the_moving_average_of_the_weights_follows_its_rule_and_travels_with_the_run(workspace, capsys):
+    from vlm_train.average import WeightAverage
+
+    # The rule: the mean of the weights after each step until 1 / (1 - d) steps are in it,
+    # then avg <- d * avg + (1 - d) * w. With d = 0.75: the mean of 1, 2, 4, 8, then EMA.
+    p = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage({"w": p}, 0.75)
+    for value in [1.0, 2.0, 4.0, 8.0, 16.0]:
+        with torch.no_grad():
+            p.fill_(value)
+        average.update()
+        if average.updates == 4:
+            assert torch.allclose(average.average["w"], torch.full((3,), 15 / 4))
+    assert torch.allclose(average.average["w"], torch.full((3,), 0.75 * 15 / 4 + 0.25 * 16)) and average.updates == 5
+    with average.swapped_in():  # the model computes with the average inside, its own weights after
+        assert torch.equal(p.detach(), average.average["w"])
+    assert torch.equal(p.detach(), torch.full((3,), 16.0))
+    with pytest.raises(ValueError, match=r"optim.ema_decay must be in \[0, 1\)"):
+        resolve(None, ["--optim.ema_decay", "1", "--data.sources", '[{"shards": "x", "kind": "qa"}]'])
+
+    # A run that switches the average on at a resume starts it from the resumed weights; the
+    # held-out evaluation reports both; the export takes the average.
+    held_out = json.dumps({"sources": [{"shards": str(workspace / "shards"), "kind": "caption"}], "num_workers": 0})
+    run = ["--steps", "6", "--checkpoint.every", "3", "--eval.every", "3", "--eval.data", held_out]
+    assert train_main(args(workspace, "ema", *run, "--stop_at", "3")) == 0
+    assert not (workspace / "ema" / "step-000003" / "ema").exists()
+    assert train_main(args(workspace, "ema", *run, "--optim.ema_decay", "0.5")) == 0
+    assert "holds no moving average of the weights: it starts from the weights resumed" in capsys.readouterr().out
+    last = workspace / "ema" / "step-000006"
+    assert torch.load(last / "trainer.pt", weights_only=True)["ema_updates"] == 3
+    own, averaged = load_file(last / "model" / "model.safetensors"), load_file(last / "ema" / "model.safetensors")
+    before = load_file(workspace / "ema" / "step-000003" / "model" / "model.safetensors")
+    trained = [k for k in own if not torch.equal(own[k], before[k])]
+    assert trained  # the weights moved, and the average lies between (here: not on) either end
+    assert all(not torch.equal(averaged[k], own[k]) and not torch.equal(averaged[k], before[k]) for k in trained)
+    logged = metrics(workspace, "ema")[-1]
+    assert logged["step"] == 6 and {"eval_loss", "ema_eval_loss", "ema_eval_exact_match"} <= set(logged)
+    assert logged["ema_eval_loss"] != logged["eval_loss"]
+    assert ckpt.export_latest(workspace / "ema", workspace / "ema-bf16") == last / "ema"
+    exported = load_file(workspace / "ema-bf16" / "model.safetensors")
+    assert all(torch.equal(exported[k], averaged[k].bfloat16()) for k in averaged)
+    assert ckpt.export_latest(workspace / "ema", workspace / "ema-own", average=False) == last / "model"
+    # Going on without the average drops it, and says so.
+    assert train_main(args(workspace, "ema", *run, "--steps", "7")) == 0
+    assert "optim.ema_decay is 0, so this run drops it" in capsys.readouterr().out
+    assert not (workspace / "ema" / "step-000007" / "ema").exists()
+
+
 def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
     from vlm_train.train import fit_steps
 
@@ -193,7 +250,7 @@ def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
     assert last.name == f"step-{fitted[0]:06d}"
     assert torch.load(last / "trainer.pt", weights_only=True)["steps"] == fitted[0]
     # The apps' bf16 export of the newest checkpoint (what scripts/train_default.sh bundles).
-    assert ckpt.export_latest(workspace / "budget", workspace / "budget-bf16") == last
+    assert ckpt.export_latest(workspace / "budget", workspace / "budget-bf16") == last / "model"  # no ema/
     full, half = (
         load_file(last / "model" / "model.safetensors"),
         load_file(workspace / "budget-bf16" / "model.safetensors"),

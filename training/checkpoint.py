@@ -2,7 +2,8 @@
 
 ``dir/step-000500/`` holds ``model/`` (the trainable weights in the ``save_pretrained``
 format the applications load), ``trainer.pt`` (optimiser, scheduler, RNG states, step,
-data position, counters) and ``train_config.json``. A folder is written under a
+data position, counters) and ``train_config.json``; with ``optim.ema_decay`` also ``ema/``
+(the weights' moving average, vlm_train.average, in the same format as ``model/``). A folder is written under a
 temporary name, flushed to disk and renamed when complete, so a folder with a final
 name is whole.
 
@@ -31,6 +32,7 @@ from vlm.factory import WEIGHTS_FILE, check_finite, load_config, save_pretrained
 from vlm.fileio import atomic_folder, load_plain
 
 TRAINER_FILE = "trainer.pt"
+EMA_DIR = "ema"
 TRAINER_FORMAT = "vlm-trainer/2"
 STEP_DIR = re.compile(r"^step-(\d{6,})$")
 PARTIAL_DIR = re.compile(r"^\.step-\d{6,}\.tmp-")  # what a killed save leaves (see save)
@@ -48,17 +50,22 @@ def _step(path: Path) -> int:
     return int(STEP_DIR.match(path.name).group(1))
 
 
-def export_latest(root: str | os.PathLike, target: str | os.PathLike, dtype: torch.dtype = torch.bfloat16) -> Path:
+def export_latest(
+    root: str | os.PathLike, target: str | os.PathLike, dtype: torch.dtype = torch.bfloat16, average: bool = True
+) -> Path:
     """Save the newest complete checkpoint's adapter in ``root`` to ``target`` in ``dtype``
-    (bf16 halves the bytes), in the format the applications load. Returns the checkpoint."""
+    (bf16 halves the bytes), in the format the applications load: its moving average
+    (``ema/``) where the run kept one and ``average`` is true, else its weights (``model/``).
+    Returns the folder exported."""
     from vlm.factory import from_pretrained
 
     done = list_checkpoints(root)
     if not done:
         raise FileNotFoundError(f"no complete checkpoint in {root}")
-    model, _ = from_pretrained(done[-1] / "model", verbose=False)
+    source = done[-1] / EMA_DIR if average and (done[-1] / EMA_DIR / WEIGHTS_FILE).is_file() else done[-1] / "model"
+    model, _ = from_pretrained(source, verbose=False)
     save_pretrained(model, target, dtype=dtype)
-    return done[-1]
+    return source
 
 
 def rng_state() -> dict:
@@ -94,9 +101,18 @@ def remove_partial(root: str | os.PathLike) -> None:
 
 
 def save(
-    root: str | os.PathLike, step: int, model, trainable: dict, trainer_state: dict, config: dict, keep: int
+    root: str | os.PathLike,
+    step: int,
+    model,
+    trainable: dict,
+    trainer_state: dict,
+    config: dict,
+    keep: int,
+    average: dict | None = None,
 ) -> Path:
-    """Write ``root/step-XXXXXX`` atomically (rank 0 only) and prune to the newest ``keep``."""
+    """Write ``root/step-XXXXXX`` atomically (rank 0 only) and prune to the newest ``keep``.
+    ``average``: the moving average of the trained weights, written to ``ema/`` (the
+    weights it does not hold, as in ``model/``)."""
     root = Path(root)
     root.mkdir(parents=True, exist_ok=True)
     remove_partial(root)
@@ -105,6 +121,8 @@ def save(
     with atomic_folder(final) as tmp:
         # save_pretrained reads model.trainable_state_dict(); feed it the gathered tensors.
         save_pretrained(_WithState(model, trainable), tmp / "model")
+        if average is not None:
+            save_pretrained(_WithState(model, {**trainable, **average}), tmp / EMA_DIR)
         torch.save({"format": TRAINER_FORMAT, **trainer_state}, tmp / TRAINER_FILE)
         # Read it back as resume will: a state that is not plain data fails now, not at resume.
         load_plain(tmp / TRAINER_FILE, "trainer state")
@@ -136,6 +154,8 @@ class Resume:
     path: Path
     state: dict
     trainable: dict[str, torch.Tensor]
+    average: dict[str, torch.Tensor] | None = None
+    """The moving average of the weights (``ema/``), where the run kept one."""
 
 
 def read(path: str | os.PathLike) -> Resume:
@@ -145,6 +165,11 @@ def read(path: str | os.PathLike) -> Resume:
     load_config(path / "model")  # valid JSON, known format, a valid (allow-listed) config
     trainable = load_file(path / "model" / WEIGHTS_FILE)
     check_finite(trainable, str(path / "model" / WEIGHTS_FILE))
+    average = None
+    if (path / EMA_DIR).exists():
+        load_config(path / EMA_DIR)
+        average = load_file(path / EMA_DIR / WEIGHTS_FILE)
+        check_finite(average, str(path / EMA_DIR / WEIGHTS_FILE))
     file = path / TRAINER_FILE
     advice = (
         "An older vlm version pickled Python objects in trainer.pt; to go on from its weights, start "
@@ -154,7 +179,7 @@ def read(path: str | os.PathLike) -> Resume:
     found = state.get("format") if isinstance(state, dict) else None
     if found != TRAINER_FORMAT:
         raise ValueError(f"{file}: unknown trainer state format {found!r} (expected {TRAINER_FORMAT!r})")
-    return Resume(path, state, trainable)
+    return Resume(path, state, trainable, average)
 
 
 def load_resume(spec: str | None, root: str | os.PathLike, log: Callable[[str], None] = print) -> Resume | None:

@@ -161,6 +161,10 @@ class OptimConfig:
     """Clip the gradient's global norm to this."""
     max_bad_steps: int = 10
     """Stop after this many consecutive steps with a non-finite loss or gradient."""
+    ema_decay: float = 0.0
+    """Keep an exponential moving average of the trained weights with this decay a step
+    (e.g. 0.99; 0: none). Checkpoints then also hold it in ``ema/``, the held-out evaluation
+    reports it (``ema_eval_*``) and ``export_latest`` exports it (vlm_train.average)."""
 
 
 @dataclass
@@ -271,6 +275,8 @@ class TrainConfig:
             raise ValueError("stop_at and time_budget_s do not combine: the budget sets the steps")
         if self.checkpoint.every < 1 or self.checkpoint.keep < 1:
             raise ValueError("checkpoint.every and checkpoint.keep must be >= 1")
+        if not 0.0 <= self.optim.ema_decay < 1.0:
+            raise ValueError(f"optim.ema_decay must be in [0, 1) (0: no average), got {self.optim.ema_decay}")
         return self
 
     def to_dict(self) -> dict[str, Any]:

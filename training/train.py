@@ -28,6 +28,7 @@ from vlm.factory import fast_matmul, load_trainable
 from vlm.fileio import write_text
 
 from . import checkpoint as ckpt
+from .average import WeightAverage
 from .config import TrainConfig
 from .config import main as cli_main
 from .data import prefix_cache
@@ -349,6 +350,22 @@ def load_state(model, core, optimizer, state: dict, trainable: dict, strategy: s
         optimizer.load_state_dict(state["optimizer"])
 
 
+def start_average(cfg: TrainConfig, core, resume: ckpt.Resume | None, say) -> WeightAverage | None:
+    """The moving average of the trained weights where ``optim.ema_decay`` asks for one: the
+    checkpoint's where it holds one, else started from the weights the run begins with."""
+    decay = cfg.optim.ema_decay
+    if not decay:
+        if resume is not None and resume.average is not None:
+            say(f"{resume.path} holds a moving average of the weights; optim.ema_decay is 0, so this run drops it")
+        return None
+    trained = {name: p for name, p in core.named_parameters() if p.requires_grad}
+    if resume is None or resume.average is None:
+        if resume is not None:
+            say(f"{resume.path} holds no moving average of the weights: it starts from the weights resumed")
+        return WeightAverage(trained, decay)
+    return WeightAverage(trained, decay, resume.average, resume.state.get("ema_updates", 0))
+
+
 def _say(message: str) -> None:
     print(message, flush=True)
 
@@ -430,6 +447,7 @@ def train(cfg: TrainConfig) -> dict:
         if d.is_main:
             print(f"resumed from {resume.path} at step {step}", flush=True)
     fitted = resume is not None and bool(state.get("steps_fitted"))
+    average = start_average(cfg, core, resume, _say if d.is_main else _quiet)
     fit_at = max(cfg.optim.warmup_steps, 20)
     timed: list[tuple[list[int], float]] = []  # (micro-batch sources, seconds) of the steps timed for the budget
     if d.is_main:
@@ -474,6 +492,8 @@ def train(cfg: TrainConfig) -> dict:
         else:
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
+            if average is not None:
+                average.update()
             consecutive_bad = 0
             loss_window.append(all_reduce_mean(total, d).item())
         with warnings.catch_warnings():  # a skipped first step still advances the schedule
@@ -518,12 +538,18 @@ def train(cfg: TrainConfig) -> dict:
             logger.log(step, last)
         if cfg.eval.data is not None and (step % cfg.eval.every == 0 or step == end):
             metrics = evaluate(model, core, cfg, processor, d, autocast)
+            if average is not None:
+                with average.swapped_in():
+                    metrics.update(
+                        {f"ema_{k}": v for k, v in evaluate(model, core, cfg, processor, d, autocast).items()}
+                    )
             logger.log(step, metrics)
             last.update(metrics)
             if d.is_main:
                 tqdm.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         if step % cfg.checkpoint.every == 0 or step == end:
             trainable = gather_trainable(model, core, strategy)
+            averaged = average.full_state() if average is not None else None
             opt_state = optimizer_state(model, optimizer, strategy)
             rngs = [ckpt.rng_state()]
             if d.enabled:
@@ -541,8 +567,11 @@ def train(cfg: TrainConfig) -> dict:
                     "bad_steps": bad_total,
                     "steps": cfg.steps,
                     "steps_fitted": fitted,
+                    "ema_updates": average.updates if average is not None else 0,
                 }
-                ckpt.save(cfg.checkpoint.dir, step, core, trainable, state, cfg.to_dict(), cfg.checkpoint.keep)
+                ckpt.save(
+                    cfg.checkpoint.dir, step, core, trainable, state, cfg.to_dict(), cfg.checkpoint.keep, averaged
+                )
             if d.enabled:
                 torch.distributed.barrier()
     bar.close()
