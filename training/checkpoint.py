@@ -3,9 +3,9 @@
 ``dir/step-000500/`` holds ``model/`` (the trainable weights in the ``save_pretrained``
 format the applications load), ``trainer.pt`` (optimiser, scheduler, RNG states, step,
 data position, counters) and ``train_config.json``; with ``optim.ema_decay`` also ``ema/``
-(the weights' moving average, vlm_train.average, in the same format as ``model/``). A folder is written under a
-temporary name, flushed to disk and renamed when complete, so a folder with a final
-name is whole.
+(the weights' moving average, vlm_train.average, in the same format as ``model/``). A
+folder is written under a temporary name, flushed to disk and renamed when complete, so a
+folder with a final name is whole.
 
 ``trainer.pt`` holds plain data only (tensors, numbers, strings, lists, dicts) and is
 read with ``torch.load(weights_only=True)``: a run folder from someone else cannot run
