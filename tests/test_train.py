@@ -229,6 +229,27 @@ def test_the_moving_average_of_the_weights_follows_its_rule_and_travels_with_the
     assert not (workspace / "ema" / "step-000007" / "ema").exists()
 
 
+def test_init_from_starts_a_run_and_its_resume_reads_the_checkpoint_alone(workspace, capsys):
+    import shutil
+
+    from vlm.factory import load_trainable
+
+    model, _ = vlm.from_pretrained(workspace / "init", verbose=False)
+    base = {k: v.detach().clone() for k, v in model.trainable_state_dict().items()}
+    load_trainable(model, {k: v + 0.1 for k, v in base.items()}, source="test")
+    vlm.save_pretrained(model, workspace / "start")
+    run = args(workspace, "from-start", "--steps", "4", "--model.init_from", str(workspace / "start"))
+    assert train_main([*run, "--stop_at", "1"]) == 0
+    first = load_file(workspace / "from-start" / "step-000001" / "model" / "model.safetensors")
+    for k, v in base.items():  # one step (at most ~10 lr, the gates') from init_from's weights, 0.1 from the preset's
+        assert (first[k] - v - 0.1).abs().max() < 0.05 < (first[k] - v).abs().min(), k
+    shutil.rmtree(workspace / "start")  # a resume needs its checkpoint only
+    capsys.readouterr()
+    assert train_main(run) == 0
+    assert "model.init_from is not read" in capsys.readouterr().out
+    assert ckpt.list_checkpoints(workspace / "from-start")[-1].name == "step-000004"
+
+
 def test_time_budget_fits_the_schedule_and_survives_a_resume(workspace):
     from vlm_train.train import fit_steps
 

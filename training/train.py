@@ -40,13 +40,15 @@ from .distributed import Dist, all_reduce_mean, apply_activation_checkpointing, 
 NO_DECAY = ("_gate", "latents", "media_time", "new_rows", "norm", "bias")
 
 
-def build_model(cfg: TrainConfig):
+def build_model(cfg: TrainConfig, init: bool = True):
+    """The model of ``cfg.model.preset`` (a preset or a saved model folder) with, where
+    ``init``, the trainable weights of ``cfg.model.init_from``."""
     path = Path(cfg.model.preset)
     if (path / "config.json").is_file():
         model, processor = vlm.from_pretrained(path, verbose=False)
     else:
         model, processor = vlm.create_model_and_transforms(cfg.model.preset, verbose=False)
-    if cfg.model.init_from:
+    if init and cfg.model.init_from:
         model_init, _ = vlm.from_pretrained(cfg.model.init_from, verbose=False)
         state = model_init.trainable_state_dict()
         if adds_channels_after(model_init.config.vision, model.config.vision):
@@ -410,10 +412,12 @@ def train(cfg: TrainConfig) -> dict:
         )
         cfg.precision = "fp32"
     torch.manual_seed(cfg.seed)
-    model, processor = build_model(cfg)
-    core = model.to(d.device)
     # Plain data only (weights_only): a run folder from someone else cannot run code here.
     resume = ckpt.load_resume(cfg.checkpoint.resume, cfg.checkpoint.dir, log=_say if d.is_main else _quiet)
+    if resume is not None and cfg.model.init_from:
+        (_say if d.is_main else _quiet)(f"resuming from {resume.path}: model.init_from is not read")
+    model, processor = build_model(cfg, init=resume is None)  # a resumed run's weights are its checkpoint's
+    core = model.to(d.device)
     if resume is not None and "embed.new_rows" in resume.trainable:
         # The prefix cache's key holds the added rows the run goes on with (a run resumed
         # with the cache after training them without it must not use a cache of the old ones).
