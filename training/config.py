@@ -138,7 +138,8 @@ class ModelConfig:
     preset: str = "default"
     """A ``vlm`` architecture preset name, or a path to a VLM config/checkpoint folder."""
     init_from: str | None = None
-    """A ``save_pretrained`` folder whose trainable weights start the run."""
+    """A ``save_pretrained`` folder whose trainable weights start the run (a resumed run
+    takes them from its checkpoint and does not read this folder)."""
 
 
 @dataclass
