@@ -51,7 +51,20 @@ def test_sketch_own_against_other(tmp_path, capsys):
     assert "own sketch 1.000" in out
     other = float(out.split("other pairs ")[1].split()[0])
     assert other < 1.0
+    assert "to 6 other pairs" in out  # 3 pages: each against both others
     assert "main block kinds in order  3/3" in out
+
+
+def test_sketch_other_pairs_are_the_next_pages_in_a_circle(monkeypatch):
+    from vlm_train.eval import breakdown
+
+    seen = []
+    monkeypatch.setattr(breakdown, "tree_similarity", lambda p, r: seen.append((p, r)) or 0.5)
+    monkeypatch.setattr(breakdown, "OTHER_PER_PAGE", 2)
+    rows = [{"prediction": f"<p>{i}</p>", "reference": f"<h1>{i}</h1>"} for i in range(4)]
+    assert "to 8 other pairs 0.500 (each page against the next 2" in breakdown.sketch(rows)
+    others = [(p[3], r[4]) for p, r in seen[4:]]  # after the 4 own pairs
+    assert others == [("0", "1"), ("0", "2"), ("1", "2"), ("1", "3"), ("2", "3"), ("2", "0"), ("3", "0"), ("3", "1")]
 
 
 def test_sketch_parts_that_agree(tmp_path, capsys):
