@@ -7,9 +7,10 @@
 - sketch: the mean tree similarity of each page to its own sketch's reference, against
   the mean over other sketches' references (each page against the next
   ``OTHER_PER_PAGE`` pages' references, in a circle; all other pages where there are
-  fewer): how far a page follows its sketch rather than being a generic page; and which parts of the page agree with the reference:
-  whether it has a header, a nav and a footer, how many blocks its <main> holds, and
-  their kinds in order (each block's own tag and class, not what is inside it).
+  fewer): how far a page follows its sketch rather than being a generic page; and which
+  parts of the page agree with the reference: whether it has a header, a nav and a
+  footer, how many blocks its <main> holds, and their kinds in order (each block's own
+  tag and class, not what is inside it).
 """
 
 from __future__ import annotations
