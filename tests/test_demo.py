@@ -274,6 +274,17 @@ def test_the_bundled_models_card_gives_the_panel_its_data_results_and_limits():
     assert ("Trained parameters", "24,299,144") in card.facts
 
 
+def test_the_sketch_adapters_card_gives_the_panel_its_data_results_and_limits():
+    from demo.model_card import SECTIONS, read_card
+    from vlm.factory import TASK_CHECKPOINTS
+
+    card = read_card(TASK_CHECKPOINTS["sketch"], "sketch adapter")
+    assert card.has_card and card.title.startswith("vlm sketch")
+    assert list(card.sections) == list(SECTIONS)
+    assert "structure exact" in card.sections["Results"] and "sketch" in card.sections["Training data"]
+    assert ("Trained parameters", "24,557,192") in card.facts
+
+
 def test_each_tab_starts_from_its_tasks_decoding_defaults(app):
     from vlm.tasks import CAPTION, SKETCH, VQA
 
