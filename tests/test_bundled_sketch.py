@@ -59,3 +59,13 @@ def test_on_the_bundled_models_backbones_it_writes_the_same_pages(sketch_model, 
     mine, theirs = shared.state_dict(), alone.state_dict()
     assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
     assert pages(shared, processor, test_sketches[:4]) == pages(*sketch_model, test_sketches[:4])
+
+
+def test_the_apps_load_it_onto_the_bundled_model_converted_for_inference(test_sketches):
+    # What the demo does: the bundled model with lm_weights "auto" (fp16 LM weights on x86
+    # CPUs, the head too), then the sketch adapter on its backbones, converted the same way.
+    default = load_model(verbose=False, lm_weights="auto")
+    shared, processor = load_model(task="sketch", verbose=False, share=default, lm_weights="auto")
+    assert shared.head.tied and shared.lm.get_input_embeddings().weight is default[0].lm.get_input_embeddings().weight
+    alone = load_model(task="sketch", verbose=False, lm_weights="auto")
+    assert pages(shared, processor, test_sketches[:4]) == pages(*alone, test_sketches[:4])

@@ -240,6 +240,24 @@ def test_a_second_adapter_shares_the_backbones(trained_model, tmp_path):
         )
 
 
+def test_a_second_adapter_shares_an_lm_already_converted_for_inference(trained_model, tmp_path):
+    # The apps convert the first model's LM (lm_weights "auto": fp16 weights, the head too)
+    # before a task's adapter is loaded onto it; a tied head must stay tied in the second.
+    from vlm import factory
+    from vlm.quantize import apply_lm_weights
+
+    default, processor = trained_model("gpt2")
+    torch.manual_seed(1)
+    sketch, _ = trained_model("gpt2", every=3)
+    assert default.head.tied
+    folder = vlm.save_pretrained(sketch, tmp_path / "sketch")
+    apply_lm_weights(default, "float16")
+    loaded, loaded_processor = factory.from_pretrained(folder, verbose=False, share=(default, processor))
+    assert loaded.head.tied and loaded.lm.get_input_embeddings().weight is default.lm.get_input_embeddings().weight
+    alone = apply_lm_weights(factory.from_pretrained(folder, verbose=False)[0], "float16")
+    assert torch.equal(logits_of(apply_lm_weights(loaded, "float16"), loaded_processor), logits_of(alone, processor))
+
+
 def test_a_tasks_bundled_adapter_is_its_default(trained_model, tmp_path, monkeypatch):
     from vlm import factory
 

@@ -176,7 +176,8 @@ def create_model_and_transforms(
         ff_act=rs.ff_act,
         qk_norm=rs.qk_norm,
     )
-    model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices, new_ids)
+    tied = share[0].head.tied if share is not None else None  # its LM's head may be converted already
+    model = VLM(cfg, vision, lm, resampler, image_id, eoc_id, indices, new_ids, tied=tied)
     count = apply_freezing(model)
     model.train(False)
     if verbose:

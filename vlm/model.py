@@ -44,6 +44,7 @@ class VLM(nn.Module):
         end_of_chunk_token_id: int,
         cross_attn_layers: list[int],
         new_token_ids: list[int] | None = None,
+        tied: bool | None = None,
     ):
         super().__init__()
         self.config = config
@@ -56,7 +57,8 @@ class VLM(nn.Module):
         base_in, base_out = lm.get_input_embeddings(), lm.get_output_embeddings()
         # Trainable rows for the added tokens, in the order config.new_tokens() lists them.
         self.embed = TokenEmbedding(base_in, new_token_ids or [image_token_id, end_of_chunk_token_id])
-        tied = base_out.weight is base_in.weight
+        if tied is None:  # an LM converted for inference (vlm.quantize) no longer shows it: pass it
+            tied = base_out.weight is base_in.weight
         self.head = OutputHead(base_out, self.embed, tied, config.lm.vocab_size)
         self.generation_defaults: dict | None = None
         """The checkpoint's decoding defaults (``generation_config.json``; see :mod:`vlm.tasks`)."""
