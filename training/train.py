@@ -76,8 +76,8 @@ def adds_channels_after(old: VisionConfig, new: VisionConfig) -> bool:
 def add_channel_inputs(state: dict[str, torch.Tensor], width: int) -> dict[str, torch.Tensor]:
     """Start a model whose tokens have more channels (``vision.with_last_stage``,
     ``vision.fold_stride``) from a checkpoint without them: the resampler's input projection
-    gets zero weights for the new channels, so the model computes exactly what the
-    checkpoint did until training moves them."""
+    gets zero weights for the new channels, so the model computes what the checkpoint did
+    (to float rounding) until training moves them."""
     w = state["resampler.proj_in.weight"]
     return {**state, "resampler.proj_in.weight": torch.cat([w, w.new_zeros(w.shape[0], width - w.shape[1])], dim=1)}
 
