@@ -232,6 +232,28 @@ def test_requests_admitted_together_are_prefilled_as_one_batch_and_stay_exact(tr
     assert engine.decode_steps == max(r.decode_steps for r in requests)
 
 
+@pytest.mark.parametrize(
+    "encode_batch, calls",
+    [(None, [(1, 1), (1, 1), (1, 1), (1, 2), (1, 3)]), (2, [(2, 1), (1, 1), (1, 2), (1, 3)]), (8, [(3, 1), (1, 2), (1, 3)])],
+)
+def test_images_admitted_together_are_encoded_encode_batch_requests_a_call(trained_model, monkeypatch, encode_batch, calls):
+    model, processor = trained_model("llama")
+    configs = _configs(model, processor)
+    alone = [out.tokens[0] for out in _alone(model, processor, configs)]
+    encoded = []
+    encode = type(model).encode_images
+    monkeypatch.setattr(type(model), "encode_images", lambda self, px: encoded.append(px.shape[:2]) or encode(self, px))
+    engine = Engine(model, processor.tokenizer, EngineConfig(max_concurrent=8, encode_batch=encode_batch))
+    requests = [engine.submit(*_inputs(processor, k), cfg) for k, cfg in enumerate(configs)]
+    with engine:
+        for request in requests:
+            assert request.wait(60)
+    assert [request.tokens for request in requests] == alone
+    # (requests, images each) per call. Requests 0, 5 and 7 hold one image each, 1 two and 3
+    # three: grouped by image count, then encode_batch requests a call (None on a CPU: one).
+    assert [tuple(shape) for shape in encoded] == calls
+
+
 def test_a_group_prefill_reuses_a_cached_system_prompt_and_stays_exact(trained_model, monkeypatch):
     model, processor = trained_model("llama")  # ChatML
     processor = copy.copy(processor)

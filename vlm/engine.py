@@ -98,6 +98,12 @@ class EngineConfig:
     batch (a baseline for ``benchmarks/serve.py``: a batch runs until its last row ends)."""
     batch_window_s: float = 0.05
     """``static`` only: how long the first waiting request waits for others to fill its batch."""
+    encode_batch: int | None = None
+    """Requests whose images one call of the vision tower encodes, when several are admitted
+    at once (with equal image counts and sizes). None: one at a time on a CPU, all at once
+    elsewhere. On a CPU a batch saves little per image, and in a server its larger
+    activations kept landing in fresh memory the kernel had to zero: seven images in one
+    call took 0.5–0.9 s there, seven calls of one 0.27 s (``docs/serving.md``)."""
     prefix_min_tokens: int = 16
     """Reuse the LM cache of a prompt prefix (before the first image) shared with the
     previous request of its kind when at least this many tokens long, e.g. a chat
@@ -112,6 +118,8 @@ class EngineConfig:
             raise ValueError(f"policy must be 'continuous' or 'static', got {self.policy!r}")
         if self.batch_window_s < 0 or self.prefix_min_tokens < 0:
             raise ValueError("batch_window_s and prefix_min_tokens must be >= 0")
+        if self.encode_batch is not None and self.encode_batch < 1:
+            raise ValueError(f"encode_batch must be >= 1 or None, got {self.encode_batch}")
         return self
 
 
@@ -684,16 +692,19 @@ class Engine:
 
     def _encode(self, images: list[torch.Tensor | None]) -> list[torch.Tensor | None]:
         """Each request's latents (1, T, L, D) or None; requests with the same number and size
-        of images are encoded in one call."""
+        of images are encoded together, ``encode_batch`` requests a call."""
         groups: dict[tuple[int, ...], list[int]] = {}
         for k, im in enumerate(images):
             if im is not None:
                 groups.setdefault(tuple(im.shape[1:]), []).append(k)
+        per_call = self.config.encode_batch or (1 if self.device.type == "cpu" else len(images))
         latents: list[torch.Tensor | None] = [None] * len(images)
-        for members in groups.values():
-            encoded = self.model.encode_images(torch.cat([images[k] for k in members]).to(self.device))  # (B, T, L, D)
-            for k, lat in zip(members, encoded.split(1)):
-                latents[k] = lat
+        for group in groups.values():
+            for start in range(0, len(group), per_call):
+                members = group[start : start + per_call]
+                pixels = torch.cat([images[k] for k in members]).to(self.device)
+                for k, lat in zip(members, self.model.encode_images(pixels).split(1)):  # (1, T, L, D) each
+                    latents[k] = lat
         return latents
 
     def _step(self, batch: _Batch) -> None:
