@@ -1,7 +1,10 @@
 """Per-request generation state: media, cross-attention K/V, the LM cache, tokens fed.
 
 The caller holds a :class:`Session`; the model is never written to, so many sessions
-can share one model (see ``vlm/generate.py`` for the decoding loop around it).
+can share one model (see ``vlm/generate.py`` for the decoding loop around it). The LM
+cache is transformers' ``DynamicCache`` whose full-attention layers are
+:class:`GrowingLayer`: a step writes its keys and values in place instead of copying the
+whole cache to append them.
 """
 
 from __future__ import annotations
@@ -45,7 +48,7 @@ class Session:
             for layer in model.decoder_layers():
                 if layer.xattn is not None:
                     self.media_kv[layer.index] = layer.xattn.media_kv(self.latents)
-        self.cache = DynamicCache(config=model.lm.config) if use_cache else None
+        self.cache = _new_cache(model.lm.config) if use_cache else None
         self.ids: torch.Tensor | None = None  # (B, S) every token fed so far
         self.attention_mask: torch.Tensor | None = None  # (B, S)
 
@@ -174,7 +177,7 @@ class Session:
         fed = [s for s in sessions if s.ids is not None]
         merged = copy.copy(first)
         merged.ids = merged.attention_mask = None
-        merged.cache = DynamicCache(config=first.model.lm.config)
+        merged.cache = _new_cache(first.model.lm.config)
         if fed:
             template = _plain_cache_layers(fed[0].cache)
             layers = [_plain_cache_layers(s.cache) if s.ids is not None else None for s in sessions]
@@ -196,8 +199,9 @@ class Session:
             merged.attention_mask = torch.cat(
                 [left(s.attention_mask, n, s, 1, 0, ref.attention_mask) for s, n in zip(sessions, rows)]
             )
-            merged.cache = DynamicCache(
-                ddp_cache_data=[
+            merged.cache = _new_cache(
+                first.model.lm.config,
+                [
                     tuple(
                         torch.cat(
                             [
@@ -209,7 +213,6 @@ class Session:
                     )
                     for j in range(len(template))
                 ],
-                config=first.model.lm.config,
             )
         merged.latents, merged.media_kv = None, {}
         if with_images:
@@ -277,9 +280,8 @@ class Session:
         if drop == 0:
             return 0
         layers = _plain_cache_layers(self.cache)
-        self.cache = DynamicCache(
-            ddp_cache_data=[(layer.keys[:, :, drop:], layer.values[:, :, drop:]) for layer in layers],
-            config=self.model.lm.config,
+        self.cache = _new_cache(
+            self.model.lm.config, [(layer.keys[:, :, drop:], layer.values[:, :, drop:]) for layer in layers]
         )
         self.ids = self.ids[:, drop:]
         self.attention_mask = self.attention_mask[:, drop:]
@@ -312,12 +314,12 @@ class Session:
             raise ValueError(f"row {row} holds {len(columns)} tokens, not {length}")
         columns = columns[:length]
         other = copy.copy(self)
-        other.cache = DynamicCache(
-            ddp_cache_data=[
-                (layer.keys[row : row + 1, :, columns].clone(), layer.values[row : row + 1, :, columns].clone())
+        other.cache = _new_cache(
+            self.model.lm.config,
+            [
+                (layer.keys[row : row + 1, :, columns], layer.values[row : row + 1, :, columns])
                 for layer in _plain_cache_layers(self.cache)
             ],
-            config=self.model.lm.config,
         )
         other.ids = self.ids[row : row + 1, columns].clone()
         other.attention_mask = torch.ones_like(other.ids)
@@ -330,13 +332,9 @@ class Session:
 
 
 def _cache_prefix(cache, length: int, config) -> DynamicCache:
-    """A new cache holding a clone of the first ``length`` positions of ``cache``."""
-    return DynamicCache(
-        ddp_cache_data=[
-            (layer.keys[:, :, :length].clone(), layer.values[:, :, :length].clone())
-            for layer in _plain_cache_layers(cache)
-        ],
-        config=config,
+    """A new cache holding a copy of the first ``length`` positions of ``cache``."""
+    return _new_cache(
+        config, [(layer.keys[:, :, :length], layer.values[:, :, :length]) for layer in _plain_cache_layers(cache)]
     )
 
 
@@ -344,7 +342,70 @@ def _plain_cache_layers(cache: DynamicCache) -> list[DynamicLayer]:
     """The cache's layers when all hold every position (no sliding window, no quantisation):
     only those can be padded and cut along the sequence."""
     layers = list(cache.layers)
-    odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
+    odd = {type(layer).__name__ for layer in layers if type(layer) not in (DynamicLayer, GrowingLayer)}
     if odd:
         raise ValueError(f"rows of this LM's cache ({', '.join(sorted(odd))}) cannot be batched by padding")
     return layers
+
+
+class GrowingLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values live in a buffer with room to grow.
+
+    transformers' ``DynamicLayer`` concatenates at every step, copying the layer's whole
+    cache to append one position; here a step writes its position in place, and ``keys`` /
+    ``values`` are views of the buffer's first positions. A full buffer is copied into one
+    a quarter larger (at least 64 positions more). Cropping (``rewind``) keeps the buffer,
+    and the next tokens overwrite what was cut; anything that makes new tensors (reordering
+    rows, a new cache from slices) starts a new buffer at its next update. Values and the
+    attention over them are those of ``DynamicLayer``; with autograd recording, it
+    concatenates as ``DynamicLayer`` does."""
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if torch.is_grad_enabled() and (key_states.requires_grad or value_states.requires_grad):
+            self._buffers_kv = None
+            return super().update(key_states, value_states, *args, **kwargs)
+        old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
+        need = old + key_states.shape[-2]
+        buffers = getattr(self, "_buffers_kv", None)
+        if buffers is None or not (_views_of(self.keys, buffers[0], old) and _views_of(self.values, buffers[1], old)):
+            buffers = None
+        if buffers is None or need > buffers[0].shape[-2]:
+            capacity = need + max(64, need // 4)
+            buffers = tuple(
+                _grown(now, old, new, capacity) for now, new in ((self.keys, key_states), (self.values, value_states))
+            )
+            self._buffers_kv = buffers
+        buffers[0][:, :, old:need] = key_states
+        buffers[1][:, :, old:need] = value_states
+        self.keys, self.values = buffers[0][:, :, :need], buffers[1][:, :, :need]
+        return self.keys, self.values
+
+
+def _views_of(t: torch.Tensor, buffer: torch.Tensor, length: int) -> bool:
+    """Whether ``t`` is exactly ``buffer[:, :, :length]``."""
+    return (
+        t.dim() == 4
+        and t.data_ptr() == buffer.data_ptr()
+        and t.shape == (*buffer.shape[:2], length, buffer.shape[3])
+        and t.stride() == buffer.stride()
+    )
+
+
+def _grown(now: torch.Tensor, old: int, new: torch.Tensor, capacity: int) -> torch.Tensor:
+    """A buffer of ``capacity`` positions shaped like ``new`` (B, H, S, D), holding ``now``'s ``old``."""
+    buffer = new.new_empty((new.shape[0], new.shape[1], capacity, new.shape[3]))
+    if old:
+        buffer[:, :, :old] = now
+    return buffer
+
+
+def _new_cache(config, data: list[tuple[torch.Tensor, torch.Tensor]] | None = None) -> DynamicCache:
+    """An LM cache for ``config`` whose full-attention layers are :class:`GrowingLayer`,
+    holding a copy of ``data`` (keys and values per layer) when given."""
+    cache = DynamicCache(config=config)
+    cache.layers = [GrowingLayer() if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    for layer, (keys, values) in zip(cache.layers, data or ()):
+        layer.update(keys, values)
+    return cache
