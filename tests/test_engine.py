@@ -234,9 +234,15 @@ def test_requests_admitted_together_are_prefilled_as_one_batch_and_stay_exact(tr
 
 @pytest.mark.parametrize(
     "encode_batch, calls",
-    [(None, [(1, 1), (1, 1), (1, 1), (1, 2), (1, 3)]), (2, [(2, 1), (1, 1), (1, 2), (1, 3)]), (8, [(3, 1), (1, 2), (1, 3)])],
+    [
+        (None, [(1, 1), (1, 1), (1, 1), (1, 2), (1, 3)]),
+        (2, [(2, 1), (1, 1), (1, 2), (1, 3)]),
+        (8, [(3, 1), (1, 2), (1, 3)]),
+    ],
 )
-def test_images_admitted_together_are_encoded_encode_batch_requests_a_call(trained_model, monkeypatch, encode_batch, calls):
+def test_images_admitted_together_are_encoded_encode_batch_requests_a_call(
+    trained_model, monkeypatch, encode_batch, calls
+):
     model, processor = trained_model("llama")
     configs = _configs(model, processor)
     alone = [out.tokens[0] for out in _alone(model, processor, configs)]
