@@ -360,6 +360,10 @@ class GrowingLayer(DynamicLayer):
     attention over them are those of ``DynamicLayer``; with autograd recording, it
     concatenates as ``DynamicLayer`` does."""
 
+    def __init__(self):
+        super().__init__()
+        self._buffers_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
@@ -368,15 +372,16 @@ class GrowingLayer(DynamicLayer):
             return super().update(key_states, value_states, *args, **kwargs)
         old = self.keys.shape[-2] if self.keys.dim() == 4 else 0
         need = old + key_states.shape[-2]
-        buffers = getattr(self, "_buffers_kv", None)
-        if buffers is None or not (_views_of(self.keys, buffers[0], old) and _views_of(self.values, buffers[1], old)):
-            buffers = None
-        if buffers is None or need > buffers[0].shape[-2]:
+        buffers = self._buffers_kv
+        if (
+            buffers is None
+            or need > buffers[0].shape[-2]
+            or not (_views_of(self.keys, buffers[0], old) and _views_of(self.values, buffers[1], old))
+        ):  # a new buffer, holding what the layer holds now
             capacity = need + max(64, need // 4)
-            buffers = tuple(
+            buffers = self._buffers_kv = tuple(
                 _grown(now, old, new, capacity) for now, new in ((self.keys, key_states), (self.values, value_states))
             )
-            self._buffers_kv = buffers
         buffers[0][:, :, old:need] = key_states
         buffers[1][:, :, old:need] = value_states
         self.keys, self.values = buffers[0][:, :, :need], buffers[1][:, :, :need]
